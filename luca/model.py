@@ -1,0 +1,297 @@
+"""The luca Transformer: one decoder-only network, read top to bottom.
+
+What is notable:
+- Pre-norm blocks: RMSNorm (computed in float32, as Hugging Face does) → attention → residual,
+  RMSNorm → SwiGLU MLP → residual.
+- RoPE in the "rotate half" layout with base `rope_theta`; cos/sin are computed in float32.
+- Grouped-query attention (`n_kv_heads` ≤ `n_heads`) through PyTorch SDPA, so CUDA gets the
+  flash / memory-efficient kernels.
+- Two switches pick the family, and `config.json` names the matching Hugging Face class:
+  neither → `LlamaForCausalLM`; `qkv_bias` → `Qwen2ForCausalLM`; `qk_norm` (per-head RMSNorm on
+  q and k before RoPE) → `Qwen3ForCausalLM`. Module names equal Hugging Face's, so a state dict
+  moves between the two without renaming.
+- Tied or untied input/output embeddings.
+- Scaled initialisation: residual output projections get std / sqrt(2 · n_layers) (GPT-2).
+- Packed sequences: `doc_ids` restricts attention to tokens of the same document and
+  `positions` restarts RoPE positions per document (fine-tuning packs conversations this way).
+- A preallocated KV cache for generation; the loss is computed in chunks so the full
+  (tokens × vocab) float32 logits are never materialised.
+- This module imports torch and nothing of luca.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layers: int = 6
+    d_model: int = 384
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 0  # 0: SwiGLU's 8/3 · d_model rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff == 0:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        for f in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+        if self.qk_norm and self.qkv_bias:
+            raise ValueError("qk_norm (Qwen3) and qkv_bias (Qwen2) together match no Hugging Face family")
+
+    @property
+    def arch(self) -> str:
+        return "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T), computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (B, T, D)
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already stored
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if mask is None:
+            # Causal; with a cache and T > 1 the new queries sit at the end of the key range.
+            is_causal = T > 1 and k.shape[2] == T
+            if T > 1 and not is_causal:
+                mask = _causal_mask(T, k.shape[2], x.device)
+        else:
+            is_causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """Boolean mask (t_q, t_k): query i (the last t_q of t_k positions) sees keys ≤ its position."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: Hugging Face's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d_model) for token ids (B, T)."""
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = None
+        if doc_ids is not None:
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same_doc & _causal_mask(T, T, tokens.device))[:, None]  # (B, 1, T, T)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) when `targets` is None, else the cross-entropy loss.
+
+        Targets equal to -100 are ignored. `reduction` is "mean" (over counted targets), "sum" or
+        "none" (per-token losses, shape (B, T), zero where ignored).
+        """
+        h = self.hidden_states(tokens, positions, doc_ids, cache)
+        if targets is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction)
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          reduction: str = "mean", chunk: int = 4096) -> torch.Tensor:
+    """Cross-entropy of `h @ weight.T` against targets without materialising all logits at once.
+
+    Each chunk of rows is recomputed in the backward pass (checkpointed), so peak memory holds
+    one chunk of float32 logits instead of (tokens × vocab).
+    """
+    B, T, D = h.shape
+    flat_h, flat_t = h.reshape(-1, D), targets.reshape(-1)
+    n = flat_h.shape[0]
+
+    def piece(hc, tc):
+        logits = F.linear(hc, weight).float()
+        return F.cross_entropy(logits, tc, ignore_index=-100, reduction="none")
+
+    parts = []
+    for i in range(0, n, chunk):
+        hc, tc = flat_h[i:i + chunk], flat_t[i:i + chunk]
+        if torch.is_grad_enabled() and n > chunk:
+            parts.append(torch.utils.checkpoint.checkpoint(piece, hc, tc, use_reentrant=False))
+        else:
+            parts.append(piece(hc, tc))
+    losses = torch.cat(parts)
+    if reduction == "none":
+        return losses.view(B, T)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (flat_t != -100).sum().clamp(min=1)

@@ -1,0 +1,426 @@
+"""Training from scratch: one loop for a CPU, one GPU, or many GPUs under torchrun.
+
+What is notable:
+- The data order is a pure function of (seed, step): sample g of the run is chunk
+  perm_epoch[g mod n] of the token shards, with a permutation seeded by (seed, epoch). A resume
+  therefore continues the exact stream, and a torchrun job with W ranks splits each global batch
+  into the same samples a single process would see (rank r takes its own micro-batches).
+- The token batch size `batch_tokens` is reached by gradient accumulation: accum = batch_tokens /
+  (micro_batch · seq_len · world). BF16 autocast on CUDA and on CPU (≈2× FP32 on AMX CPUs).
+- Loss and grad-norm are read back only at log steps; non-finite loss or gradients skip the step
+  (counted), and `max_bad_steps` consecutive ones stop training with the last good checkpoint kept.
+- Checkpoints (`train_state/`) hold FP32 weights, optimizer state, the step and RNG states; they
+  are written atomically and verified by checksum on load. `resume=True` continues bitwise on CPU.
+- Validation bits-per-byte on a fixed set of validation chunks: summed NLL in bits over the UTF-8
+  bytes of the target tokens (end-of-text targets are excluded from both).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from luca import rundir
+from luca.atomic import atomic_path, write_text
+from luca.errors import LucaError
+from luca.model import ModelConfig, Transformer
+from luca.optim import adamw, lr_at
+from luca.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    micro_batch: int = 16
+    batch_tokens: int = 16384
+    max_steps: int = 500
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of steps in the final decay
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bf16"  # bf16 (autocast) | fp32
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 16
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_bad_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        for f in ("seq_len", "micro_batch", "batch_tokens", "max_steps", "eval_batches", "log_every"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be positive")
+
+
+# -- distributed --------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    if "RANK" not in os.environ or dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) \
+            if dist.is_initialized() else Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LucaError(f"train.device={name!r}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+# -- data order ---------------------------------------------------------------------------------
+class Batches:
+    """Deterministic (seed, step) → micro-batches over the training shards."""
+
+    def __init__(self, shards, seq_len: int, seed: int):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.n = shards.num_chunks(seq_len)
+        if self.n < 1:
+            raise LucaError(f"training data has {shards.n_tokens} tokens: fewer than one sequence of {seq_len + 1}")
+        self._perm_epoch, self._perm = -1, None
+
+    def sample(self, g: int) -> np.ndarray:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self.shards.chunk(int(self._perm[i]), self.seq_len)
+
+    def micro_batch(self, step: int, micro: int, rank: int, world: int, accum: int, bs: int) -> torch.Tensor:
+        per_step = accum * world * bs
+        base = step * per_step + (micro * world + rank) * bs
+        return torch.from_numpy(np.stack([self.sample(base + j) for j in range(bs)]).astype(np.int64))
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def save_state(run_dir: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    """Write train_state/ atomically: state.pt (weights_only-loadable) + meta.json with its checksum."""
+    d = run_dir / rundir.TRAIN_STATE
+    d.mkdir(parents=True, exist_ok=True)
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": opt.state_dict(), "step": step, "cpu_rng": torch.get_rng_state()}
+    with atomic_path(d / "state.pt") as tmp:
+        torch.save(state, tmp)
+        digest = _sha256(tmp)
+    write_text(d / "meta.json", json.dumps({"step": step, "sha256": digest, "file": "state.pt", **extra}, indent=2))
+
+
+def load_state(run_dir: Path) -> dict | None:
+    d = run_dir / rundir.TRAIN_STATE
+    meta_p = d / "meta.json"
+    if not meta_p.is_file():
+        return None
+    meta = json.loads(meta_p.read_text())
+    p = d / meta["file"]
+    if not p.is_file() or _sha256(p) != meta["sha256"]:
+        raise LucaError(f"{p}: checkpoint does not match its checksum in {meta_p}; it is damaged")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state["meta"] = meta
+    return state
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 byte length of each id; 0 for specials and padding ids (excluded from BPB)."""
+    lens = torch.zeros(vocab_size, dtype=torch.int64)
+    for i in range(tok.vocab_size):
+        if i not in tok.special_ids:
+            lens[i] = len(tok.token_bytes(i))
+    return lens
+
+
+@torch.no_grad()
+def validation_bpb(model: Transformer, val_shards, seq_len: int, n_batches: int, bs: int,
+                   byte_lens: torch.Tensor, device: torch.device, autocast) -> tuple[float, float]:
+    """(bits per byte, mean loss in nats) over the first n_batches·bs validation chunks."""
+    model.eval()
+    n_chunks = val_shards.num_chunks(seq_len)
+    total_nats, total_bytes, total_tokens = 0.0, 0, 0
+    idx = 0
+    for _ in range(n_batches):
+        if idx >= n_chunks:
+            break
+        rows = [val_shards.chunk(i, seq_len) for i in range(idx, min(idx + bs, n_chunks))]
+        idx += len(rows)
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        nbytes = byte_lens.to(device)[y]
+        y = torch.where(nbytes > 0, y, torch.full_like(y, -100))
+        with autocast:
+            losses = model(x, y, reduction="none")
+        total_nats += losses.float().sum().item()
+        total_bytes += int(nbytes.sum().item())
+        total_tokens += int((y != -100).sum().item())
+    model.train()
+    if total_bytes == 0:
+        return float("nan"), float("nan")
+    return total_nats / math.log(2) / total_bytes, total_nats / max(1, total_tokens)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: str | Path,
+          tokenizer: Tokenizer, resume: bool = False, progress: bool = True,
+          full_config: dict | None = None) -> dict:
+    """Train `model_cfg` on the token shards in `data_dir`; write the run directory. Returns a summary."""
+    from luca.data import TokenShards
+    run_dir = Path(run_dir)
+    device = pick_device(cfg.device)
+    dd = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise LucaError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if model_cfg.max_seq_len < cfg.seq_len:
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=cfg.seq_len)
+    per_micro = cfg.micro_batch * cfg.seq_len * dd.world
+    if cfg.batch_tokens % per_micro:
+        raise LucaError(f"train.batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch·seq_len·world "
+                        f"= {per_micro}")
+    accum = cfg.batch_tokens // per_micro
+
+    train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    batches = Batches(train_shards, cfg.seq_len, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    model.reset_parameters(seed=cfg.seed)
+    model.to(device)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
+    start_step, bad_total = 0, 0
+    elapsed_before, tokens_before = 0.0, 0
+    state = load_state(run_dir) if resume else None
+    if resume and state is None and dd.main:
+        _say(progress, f"no checkpoint in {run_dir / rundir.TRAIN_STATE}: starting from step 0")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["cpu_rng"])
+        start_step = int(state["step"])
+        bad_total = int(state["meta"].get("bad_steps", 0))
+        elapsed_before = float(state["meta"].get("elapsed_s", 0.0))
+        tokens_before = start_step * cfg.batch_tokens
+        if dd.main:
+            rundir.truncate_metrics(run_dir, start_step)
+    elif dd.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in (rundir.METRICS,):
+            (run_dir / f).unlink(missing_ok=True)
+    if dd.main:
+        rundir.save_tokenizer(run_dir, tokenizer)
+        if full_config is not None:
+            rundir.write_luca_toml(run_dir, full_config)
+
+    raw_model = model
+    if dd.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+    byte_lens = token_byte_lengths(tokenizer, model_cfg.vocab_size)
+
+    n_params = raw_model.num_parameters()
+    summary = {"parameters": n_params, "non_embedding_parameters": raw_model.num_parameters(True),
+               "accum": accum, "world": dd.world, "device": str(device)}
+    bar = _Progress(progress and dd.main, cfg.max_steps, start_step)
+    t0 = time.perf_counter()
+    t_log, tokens_at_log = t0, 0
+    consecutive_bad = 0
+    val_bpb = float("nan")
+    last_loss = float("nan")
+    step = start_step
+    model.train()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                       cfg.decay_fraction)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                batch = batches.micro_batch(step, micro, dd.rank, dd.world, accum, cfg.micro_batch)
+                batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+                sync = nullcontext() if (dd.world == 1 or micro == accum - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        loss = fwd(batch[:, :-1], batch[:, 1:])
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+            ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+            if bool(ok):  # one host sync per step; cheap next to the step on CPU, needed to skip bad steps
+                opt.step()
+                consecutive_bad = 0
+            else:
+                bad_total += 1
+                consecutive_bad += 1
+                if dd.main:
+                    _say(progress, f"step {step}: non-finite loss or gradient; step skipped "
+                                   f"({consecutive_bad} in a row)")
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise LucaError(f"training stopped at step {step}: {consecutive_bad} consecutive steps with "
+                                    f"non-finite loss or gradients (train.max_bad_steps); the last good "
+                                    f"checkpoint is kept in {run_dir / rundir.TRAIN_STATE}")
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if dd.main and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                now = time.perf_counter()
+                tok_now = (done - start_step) * cfg.batch_tokens
+                tps = (tok_now - tokens_at_log) / max(1e-9, now - t_log)
+                t_log, tokens_at_log = now, tok_now
+                last_loss = loss_sum.item() / accum
+                rec = {"step": done, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(float(gnorm), 6),
+                       "tokens": tokens_before + tok_now, "tokens_per_s": round(tps, 1),
+                       "elapsed_s": round(elapsed_before + now - t0, 3), "bad_steps": bad_total, "seed": cfg.seed}
+                if cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                    val_bpb, val_loss = validation_bpb(raw_model, val_shards, cfg.seq_len, cfg.eval_batches,
+                                                       cfg.micro_batch, byte_lens, device, autocast)
+                    rec.update(val_bpb=round(val_bpb, 6), val_loss=round(val_loss, 6))
+                rundir.append_metrics(run_dir, rec)
+                bar.update(done, rec)
+            else:
+                bar.update(done, None)
+            if dd.main and cfg.save_every > 0 and done % cfg.save_every == 0 and done < cfg.max_steps:
+                save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total,
+                                                           "elapsed_s": elapsed_before + time.perf_counter() - t0})
+        done = cfg.max_steps
+    finally:
+        bar.close()
+    elapsed = elapsed_before + time.perf_counter() - t0
+    if dd.main:
+        save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total, "elapsed_s": elapsed})
+        rundir.save_model(run_dir, raw_model, tokenizer)
+        if cfg.eval_every <= 0 or not math.isfinite(val_bpb):
+            val_bpb, _ = validation_bpb(raw_model, val_shards, cfg.seq_len, cfg.eval_batches, cfg.micro_batch,
+                                        byte_lens, device, autocast)
+        summary.update(steps=done, tokens=done * cfg.batch_tokens, time_s=round(elapsed, 2),
+                       tokens_per_s=round((done - start_step) * cfg.batch_tokens / max(1e-9, time.perf_counter() - t0), 1),
+                       final_train_loss=round(last_loss, 4), val_bpb=round(val_bpb, 4), bad_steps=bad_total)
+        write_report(run_dir, summary, model_cfg, cfg)
+    if dd.world > 1:
+        dist.barrier()
+    return summary
+
+
+# -- report -------------------------------------------------------------------------------------
+def write_report(run_dir: Path, s: dict, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    rows = [("architecture", f"{model_cfg.arch} ({model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
+                             f"{model_cfg.n_heads}/{model_cfg.n_kv_heads} heads)"),
+            ("parameters", f"{s['parameters']:,} ({s['non_embedding_parameters']:,} non-embedding)"),
+            ("tokens", f"{s['tokens']:,} ({s['steps']} steps × {cfg.batch_tokens:,})"),
+            ("time", f"{s['time_s']:.1f} s on {s['device']} × {s['world']}"),
+            ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
+            ("final train loss", f"{s['final_train_loss']:.4f}"),
+            ("validation BPB", f"{s['val_bpb']:.4f}"),
+            ("skipped steps", str(s["bad_steps"]))]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    plot = plot_loss(run_dir)
+    body = table + (f"\n\n![loss]({rundir.LOSS_PNG})\n" if plot else "\n")
+    rundir.update_report_section(run_dir, "Training", body)
+    rundir.write_json(run_dir / "train_summary.json", s)
+
+
+def plot_loss(run_dir: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    recs = rundir.read_metrics(run_dir)
+    if not recs:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["tokens"] for r in recs], [r["loss"] for r in recs], label="train loss (nats/token)")
+    ev = [r for r in recs if "val_loss" in r]
+    if ev:
+        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(run_dir / rundir.LOSS_PNG) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+# -- progress -----------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, done: int, rec: dict | None) -> None:
+        if self.bar is None:
+            return
+        info = None
+        if rec is not None:
+            info = f"loss {rec['loss']:.3f} · {rec['tokens_per_s']:,.0f} tok/s"
+            if "val_bpb" in rec:
+                info += f" · val {rec['val_bpb']:.3f} bpb"
+        self.bar.update(self.task, completed=done, **({"info": info} if info else {}))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _say(enabled: bool, msg: str) -> None:
+    if enabled:
+        from rich.console import Console
+        Console(stderr=True).print(msg)
