@@ -268,30 +268,81 @@ class Transformer(nn.Module):
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          reduction: str = "mean", chunk: int = 4096) -> torch.Tensor:
-    """Cross-entropy of `h @ weight.T` against targets without materialising all logits at once.
+                          reduction: str = "mean", chunk: int = 1024) -> torch.Tensor:
+    """Cross-entropy of `h @ weight.T` against targets (-100 ignored), never holding all logits.
 
-    Each chunk of rows is recomputed in the backward pass (checkpointed), so peak memory holds
-    one chunk of float32 logits instead of (tokens × vocab).
+    For "mean" and "sum" the gradients with respect to `h` and `weight` are computed chunk by chunk
+    inside the forward pass (a fused linear cross-entropy), so peak memory holds one chunk of
+    float32 logits instead of (tokens × vocab), and nothing is recomputed in the backward pass.
     """
     B, T, D = h.shape
     flat_h, flat_t = h.reshape(-1, D), targets.reshape(-1)
-    n = flat_h.shape[0]
+    dtype = _compute_dtype(h)
+    if reduction == "none" or not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        with torch.no_grad() if not torch.is_grad_enabled() else _null():
+            parts = [F.cross_entropy(F.linear(flat_h[i:i + chunk].to(dtype), weight.to(dtype)).float(),
+                                     flat_t[i:i + chunk], ignore_index=-100, reduction="none")
+                     for i in range(0, flat_h.shape[0], chunk)]
+        losses = torch.cat(parts)
+        if reduction == "none":
+            return losses.view(B, T)
+        total = losses.sum()
+        return total if reduction == "sum" else total / (flat_t != -100).sum().clamp(min=1)
+    return _FusedLinearCE.apply(flat_h, weight, flat_t, reduction == "mean", chunk, dtype)
 
-    def piece(hc, tc):
-        logits = F.linear(hc, weight).float()
-        return F.cross_entropy(logits, tc, ignore_index=-100, reduction="none")
 
-    parts = []
-    for i in range(0, n, chunk):
-        hc, tc = flat_h[i:i + chunk], flat_t[i:i + chunk]
-        if torch.is_grad_enabled() and n > chunk:
-            parts.append(torch.utils.checkpoint.checkpoint(piece, hc, tc, use_reentrant=False))
-        else:
-            parts.append(piece(hc, tc))
-    losses = torch.cat(parts)
-    if reduction == "none":
-        return losses.view(B, T)
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / (flat_t != -100).sum().clamp(min=1)
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, mean: bool, chunk: int, dtype: torch.dtype):
+        n = h.shape[0]
+        count = (targets != -100).sum().clamp(min=1)
+        scale = 1.0 / count.item() if mean else 1.0
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, n, chunk):
+                hc, tc = h[i:i + chunk].to(dtype), targets[i:i + chunk]
+                logits = (hc @ w.t()).float()
+                valid = tc != -100
+                safe_t = torch.where(valid, tc, 0)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += torch.where(valid, lse - picked, 0.0).sum()
+                # d loss / d logits = softmax - onehot, zero on ignored rows, times the mean's scale
+                g = torch.exp(logits - lse[:, None])
+                g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
+                g *= (valid.float() * scale)[:, None]
+                g = g.to(dtype)
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = (g @ w).to(h.dtype)
+                if grad_w is not None:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return gh, gw, None, None, None, None
