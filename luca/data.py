@@ -3,7 +3,8 @@
 What is notable:
 - A source is one string, `LOCATION[?key=value&...]`: a text file (one document), a `.jsonl`/`.json`
   file (`field`), a `.parquet` file (`column`), a directory (its text files, recursively), a glob,
-  `hf:NAME[:split]` (`datasets`; `save_to_disk` folders load offline) or `builtin:python` (the
+  `hf:NAME[:split]` (`datasets`; `save_to_disk` folders load offline; `config=` picks a dataset
+  configuration) or `builtin:python` (the
   interpreter's standard library without its tests, plus the `pydoc_data` topics). Any source takes
   `weight`, `encoding` and `errors`; an unknown key is an error, not a silent no-op.
 - Strict UTF-8 by default: a bad byte is an error naming the file and byte offset, and the two
@@ -31,7 +32,6 @@ import math
 import os
 import random
 import re
-import sys
 import sysconfig
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -49,13 +49,10 @@ SCHEMA_VERSION = 1
 SHARD_TOKENS = 2**28  # tokens per shard at most (512 MiB as uint16); tests monkeypatch it small
 ENCODE_BATCH_CHARS = 4_000_000  # characters handed to encode_batch at once: bounds the id lists held
 OPTION_KEYS = {"weight", "encoding", "errors", "field", "column", "config"}
-TEXT_EXTS = {
-    ".txt", ".text", ".md", ".markdown", ".rst", ".org", ".adoc", ".tex", ".py", ".pyi", ".pyx",
-    ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".rs", ".go", ".java", ".kt", ".scala", ".swift",
-    ".js", ".mjs", ".ts", ".tsx", ".jsx", ".rb", ".php", ".pl", ".lua", ".jl", ".r", ".sh", ".bash",
-    ".zsh", ".sql", ".html", ".htm", ".css", ".xml", ".svg", ".yaml", ".yml", ".toml", ".ini", ".cfg",
-    ".csv", ".tsv", ".hs", ".ml", ".ex", ".el", ".vim", ".dart", ".cs", ".fs", ".m", ".zig", ".nim",
-}
+TEXT_EXTS = set(
+    ".txt .text .md .markdown .rst .org .adoc .tex .py .pyi .pyx .c .h .cc .cpp .hpp .cu .rs .go .java .kt "
+    ".scala .swift .js .mjs .ts .tsx .jsx .rb .php .pl .lua .jl .r .sh .bash .zsh .sql .html .htm .css .xml "
+    ".svg .yaml .yml .toml .ini .cfg .csv .tsv .hs .ml .ex .el .vim .dart .cs .fs .m .zig .nim".split())
 STRUCTURED_EXTS = {".jsonl", ".json", ".parquet"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -99,8 +96,8 @@ def parse_source(spec: str) -> Source:
     spec = spec.strip()
     location, opts = spec, {}
     head, sep, query = spec.rpartition("?")
-    # '?' is also a glob wildcard: only a tail of key=value pairs is a query.
-    if sep and query and all("=" in p for p in query.split("&")):
+    # '?' is also a glob wildcard (and may be in a file name): only a tail of key=value pairs is a query.
+    if sep and query and all("=" in p for p in query.split("&")) and not os.path.exists(spec):
         location = head
         for part in query.split("&"):
             k, _, v = part.partition("=")
@@ -153,23 +150,22 @@ def parse_source(spec: str) -> Source:
 
 
 # -- reading -----------------------------------------------------------------------------------
-# A source is a list of units (a file, a dataset, the pydoc topics), each a label and a function
-# yielding (origin, text): collect's progress bar counts units without reading them first.
-Unit = tuple[str, Callable[[], Iterator[tuple[str, str]]]]
+# A source is a list of units (a file, a dataset, the pydoc topics), each a function yielding
+# (origin, text): collect's progress bar counts units without reading them first.
+Reader = Callable[[], Iterator[tuple[str, str]]]
 
 
 def iter_source(src: Source) -> Iterator[tuple[str, str]]:
     """(origin, raw text) of every document of `src`; origin is "file.txt" or "file.jsonl:LINE"."""
-    for _, read in _units(src):
+    for read in _units(src):
         yield from read()
 
 
-def _units(src: Source) -> list[Unit]:
+def _units(src: Source) -> list[Reader]:
     if src.kind == "hf":
-        return [(src.spec, lambda: _read_hf(src))]
+        return [lambda: _read_hf(src)]
     if src.kind == "builtin":
-        return [(str(p), _file_reader(p, src)) for p in builtin_python_files()] + \
-               [("pydoc_data.topics", _read_pydoc_topics)]
+        return [_file_reader(p, src) for p in builtin_python_files()] + [_read_pydoc_topics]
     if src.kind == "file":
         files = [Path(src.location)]
     elif src.kind == "dir":
@@ -185,7 +181,7 @@ def _units(src: Source) -> list[Unit]:
         if not files:
             what = f"only binary files ({len(matched)})" if matched else "nothing"
             raise LucaError(f"{src.spec}: glob matches {what}")
-    return [(str(p), _file_reader(p, src)) for p in files]
+    return [_file_reader(p, src) for p in files]
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -228,7 +224,7 @@ def _read_pydoc_topics() -> Iterator[tuple[str, str]]:
         yield f"pydoc_data.topics:{name}", topics[name]
 
 
-def _file_reader(path: Path, src: Source) -> Callable[[], Iterator[tuple[str, str]]]:
+def _file_reader(path: Path, src: Source) -> Reader:
     ext = path.suffix.lower()
     if ext in (".jsonl", ".json"):
         return lambda: _read_json(path, src)
@@ -384,7 +380,7 @@ def collect(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
             h = hashlib.sha256()
             st = {"spec": src.spec, "weight": src.weight, "files": len(src_units), "documents": 0,
                   "duplicates": 0, "too_short": 0, "chars": 0}
-            for _, read in src_units:
+            for read in src_units:
                 for origin, raw in read():
                     text, data = clean(raw)
                     sha = hashlib.sha256(data).hexdigest()
@@ -530,88 +526,62 @@ def tokenize(data_dir: str | Path, tokenizer, progress: bool = True) -> dict:
 
 
 def _tokenize_split(data_dir: Path, split: str, tokenizer, dtype: np.dtype, advance) -> dict:
-    writer = _ShardWriter(data_dir / "tokens", split, dtype)
-    eot = tokenizer.eot_id
-    try:
-        batch: list[str] = []
-        chars = 0
-        docs = iter_documents(data_dir, split)
-        for text in docs:
-            batch.append(text)
-            chars += len(text)
-            if chars >= ENCODE_BATCH_CHARS:
-                writer.write(_encode(tokenizer, batch, eot, dtype))
-                advance(len(batch))
-                batch, chars = [], 0
-        if batch:
-            writer.write(_encode(tokenizer, batch, eot, dtype))
-            advance(len(batch))
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    # Shards beyond the new count belong to an older tokenization.
+    shards = _write_shards(_token_arrays(data_dir, split, tokenizer, dtype, advance), data_dir / "tokens", split)
     keep = {s["file"] for s in shards}
-    for old in (data_dir / "tokens").glob(f"{split}_*.bin"):
+    for old in (data_dir / "tokens").glob(f"{split}_*.bin"):  # beyond the new count: an older tokenization
         if old.name not in keep:
             old.unlink()
     return {"n_tokens": sum(s["n_tokens"] for s in shards), "shards": shards}
 
 
-def _encode(tokenizer, texts: list[str], eot: int, dtype: np.dtype) -> np.ndarray:
+def _token_arrays(data_dir: Path, split: str, tokenizer, dtype: np.dtype, advance) -> Iterator[np.ndarray]:
+    """The split's tokens, one array per batch of documents (never the whole corpus as Python ints)."""
+    batch: list[str] = []
+    chars = 0
+    for text in iter_documents(data_dir, split):
+        batch.append(text)
+        chars += len(text)
+        if chars >= ENCODE_BATCH_CHARS:
+            yield _encode(tokenizer, batch, dtype)
+            advance(len(batch))
+            batch, chars = [], 0
+    if batch:
+        yield _encode(tokenizer, batch, dtype)
+        advance(len(batch))
+
+
+def _encode(tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
     ids = tokenizer.encode_batch(texts)
     out = np.empty(sum(map(len, ids)) + len(ids), dtype=dtype)
     pos = 0
     for seq in ids:
-        n = len(seq)
-        out[pos:pos + n] = seq
-        out[pos + n] = eot
-        pos += n + 1
+        out[pos:pos + len(seq)] = seq
+        pos += len(seq)
+        out[pos] = tokenizer.eot_id
+        pos += 1
     return out
 
 
-class _ShardWriter:
-    """Streams token arrays into shards of at most SHARD_TOKENS, each renamed into place when full."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype):
-        self.directory, self.split, self.dtype = directory, split, dtype
-        self.shards: list[dict] = []
-        self._ctx = self._file = None
-
-    def _open(self) -> None:
-        self._ctx = atomic_path(self.directory / f"{self.split}_{len(self.shards):03d}.bin")
-        self._file = open(self._ctx.__enter__(), "wb")
-        self._n, self._sha = 0, hashlib.sha256()
-
-    def _finish(self) -> None:
-        self._file.close()
-        self._ctx.__exit__(None, None, None)
-        self.shards.append({"file": f"{self.split}_{len(self.shards):03d}.bin", "n_tokens": self._n,
-                            "sha256": self._sha.hexdigest()})
-        self._ctx = self._file = None
-
-    def write(self, arr: np.ndarray) -> None:
-        limit = SHARD_TOKENS  # read at call time so that tests can monkeypatch it
-        while len(arr):
-            if self._file is None:
-                self._open()
-            part, arr = arr[:limit - self._n], arr[limit - self._n:]
-            data = part.tobytes()
-            self._file.write(data)
-            self._sha.update(data)
-            self._n += len(part)
-            if self._n >= limit:
-                self._finish()
-
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._finish()
-        return self.shards
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._ctx.__exit__(*sys.exc_info())  # deletes the temporary file
+def _write_shards(arrays: Iterator[np.ndarray], directory: Path, split: str) -> list[dict]:
+    """Stream arrays into shards of at most SHARD_TOKENS tokens, each renamed into place when complete."""
+    shards: list[dict] = []
+    pending: np.ndarray | None = np.empty(0)
+    while True:
+        while pending is not None and not len(pending):
+            pending = next(arrays, None)
+        if pending is None:
+            return shards
+        name, n, sha = f"{split}_{len(shards):03d}.bin", 0, hashlib.sha256()
+        with atomic_path(directory / name) as tmp, open(tmp, "wb") as f:
+            while pending is not None and n < SHARD_TOKENS:  # read at call time: tests monkeypatch it
+                part, pending = pending[:SHARD_TOKENS - n], pending[SHARD_TOKENS - n:]
+                data = part.tobytes()
+                f.write(data)
+                sha.update(data)
+                n += len(part)
+                while pending is not None and not len(pending):
+                    pending = next(arrays, None)
+        shards.append({"file": name, "n_tokens": n, "sha256": sha.hexdigest()})
 
 
 class TokenShards:

@@ -119,6 +119,8 @@ def sample_texts(run_dir: str | Path, n: int, max_new_tokens: int = 64) -> list[
     tok = rundir.load_tokenizer(run_dir)
     out = []
     for i, prompt in enumerate(SAMPLE_PROMPTS[:n]):
-        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=i)
-        out.append((prompt, complete(model, tok, tok.encode(prompt), s).text))
+        ids = tok.encode(prompt)
+        room = model.cfg.max_seq_len - len(ids)
+        s = SamplingConfig(max_new_tokens=min(max_new_tokens, room), temperature=0.8, top_k=50, seed=i)
+        out.append((prompt, complete(model, tok, ids, s).text))
     return out

@@ -96,7 +96,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Plain-text ids of many texts at once (parallel inside `tokenizers`)."""
-        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self._plain.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

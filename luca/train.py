@@ -204,8 +204,12 @@ def validation_bpb(model: Transformer, val_shards, seq_len: int, n_batches: int,
 # -- the loop -----------------------------------------------------------------------------------
 def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: str | Path,
           tokenizer: Tokenizer, resume: bool = False, progress: bool = True,
-          full_config: dict | None = None) -> dict:
-    """Train `model_cfg` on the token shards in `data_dir`; write the run directory. Returns a summary."""
+          full_config: dict | None = None, until: int | None = None) -> dict:
+    """Train `model_cfg` on the token shards in `data_dir`; write the run directory. Returns a summary.
+
+    `until` stops after that step as an interruption would (checkpoint written, no final model),
+    for training in pieces; `resume=True` then continues to `max_steps`.
+    """
     from luca.data import TokenShards
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
@@ -328,6 +332,11 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
             if dd.main and cfg.save_every > 0 and done % cfg.save_every == 0 and done < cfg.max_steps:
                 save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total,
                                                            "elapsed_s": elapsed_before + time.perf_counter() - t0})
+            if until is not None and done >= until:
+                if dd.main:
+                    save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total,
+                                                               "elapsed_s": elapsed_before + time.perf_counter() - t0})
+                return {**summary, "steps": done, "interrupted": True}
         done = cfg.max_steps
     finally:
         bar.close()

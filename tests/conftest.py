@@ -44,7 +44,7 @@ def make_corpus(directory: Path, n_files: int = 24) -> Path:
 
 
 def train_tiny_run(out: Path, work: Path, *, tokenizer: str = "bpe", steps: int = 30, seed: int = 0,
-                   overrides: dict | None = None) -> Path:
+                   overrides: dict | None = None, until: int | None = None) -> Path:
     """Collect a corpus, train a tokenizer and a tiny model for `steps` steps; return the run dir."""
     from luca import data as D
     from luca.config import build
@@ -65,7 +65,7 @@ def train_tiny_run(out: Path, work: Path, *, tokenizer: str = "bpe", steps: int 
     for k, v in (overrides or {}).items():
         section, _, key = k.partition(".")
         (mc if section == "model" else tc)[key] = v
-    train(out, ModelConfig(**mc), build(TrainConfig, tc, "train"), data_dir, tok, progress=False)
+    train(out, ModelConfig(**mc), build(TrainConfig, tc, "train"), data_dir, tok, progress=False, until=until)
     return out
 
 

@@ -223,7 +223,8 @@ def test_deterministic_and_at_least_one_val(tmp_path):
     outs = []
     for k in range(2):
         collect(DataConfig(sources=[str(a)], val_fraction=0.001, seed=3), tmp_path / f"o{k}", progress=False)
-        outs.append((list(iter_documents(tmp_path / f"o{k}", "train")), list(iter_documents(tmp_path / f"o{k}", "val"))))
+        o = tmp_path / f"o{k}"
+        outs.append((list(iter_documents(o, "train")), list(iter_documents(o, "val"))))
     assert outs[0] == outs[1]
     assert len(outs[0][1]) == 1 and len(outs[0][0]) == 4
     one = write(tmp_path / "one.txt", "single")
@@ -355,6 +356,32 @@ def test_token_shards_errors(tmp_path):
         TokenShards(out, "train")
     with pytest.raises(LucaError, match="collect the data first"):
         list(iter_documents(tmp_path / "nowhere", "train"))
+
+
+def test_failed_tokenize_leaves_no_partial_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHARD_TOKENS", 100)
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 150)
+    a = corpus(tmp_path, 10, "a")
+    out = tmp_path / "out"
+    collect(DataConfig(sources=[str(a)], val_fraction=0.0), out, progress=False)
+    tok = byte_tokenizer()
+    tokenize(out, tok, progress=False)
+    calls = []
+
+    def flaky(texts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return byte_tokenizer().encode_batch(texts)
+
+    other = train_bpe(iter_documents(out, "train"), 280)
+    monkeypatch.setattr(other, "encode_batch", flaky)
+    with pytest.raises(RuntimeError):
+        tokenize(out, other, progress=False)
+    assert "tokens" not in json.loads((out / "manifest.json").read_text())  # nothing vouches for the shards
+    assert not [p for p in (out / "tokens").iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(LucaError, match="not tokenized"):
+        TokenShards(out, "train")
 
 
 def test_recollect_drops_stale_shards(tmp_path):
