@@ -122,4 +122,6 @@ def derive_model(section: dict) -> dict:
     n_heads = section.get("n_heads", max(1, math.ceil(d_model / 64)))
     derived = {"n_layers": depth, "d_model": d_model, "n_heads": n_heads,
                "n_kv_heads": max(1, n_heads // 2) if n_heads % 2 == 0 else n_heads}
+    if section.get("family") == "gpt2":  # GPT-2 has no grouped-query attention
+        derived["n_kv_heads"] = n_heads
     return {**derived, **section}

@@ -5,7 +5,9 @@ What is notable:
   file (`field`), a `.parquet` file (`column`), a directory (its text files, recursively), a glob,
   `hf:NAME[:split]` (`datasets`; `save_to_disk` folders load offline; `config=` picks a dataset
   configuration) or `builtin:python` (the
-  interpreter's standard library without its tests, plus the `pydoc_data` topics). Any source takes
+  interpreter's standard library without its tests, plus the `pydoc_data` topics), or
+  `synthetic:TASK?n=N&seed=S` (luca/synthetic.py's structured tasks; their documents are kept out
+  of the validation split). Any source takes
   `weight`, `encoding` and `errors`; an unknown key is an error, not a silent no-op.
 - Strict UTF-8 by default: a bad byte is an error naming the file and byte offset, and the two
   ways out (`?encoding=latin-1`, `?errors=replace`). JSON errors name file:line.
@@ -48,7 +50,7 @@ from luca.errors import LucaError
 SCHEMA_VERSION = 1
 SHARD_TOKENS = 2**28  # tokens per shard at most (512 MiB as uint16); tests monkeypatch it small
 ENCODE_BATCH_CHARS = 4_000_000  # characters handed to encode_batch at once: bounds the id lists held
-OPTION_KEYS = {"weight", "encoding", "errors", "field", "column", "config"}
+OPTION_KEYS = {"weight", "encoding", "errors", "field", "column", "config", "n", "seed"}
 TEXT_EXTS = set(
     ".txt .text .md .markdown .rst .org .adoc .tex .py .pyi .pyx .c .h .cc .cpp .hpp .cu .rs .go .java .kt "
     ".scala .swift .js .mjs .ts .tsx .jsx .rb .php .pl .lua .jl .r .sh .bash .zsh .sql .html .htm .css .xml "
@@ -86,6 +88,8 @@ class Source:
     column: str = "text"  # Parquet
     split: str | None = None  # hf
     config: str | None = None  # hf: the dataset's configuration name (wikitext-2-raw-v1, ...)
+    n: int = 10000  # synthetic: how many examples
+    seed: int = 0  # synthetic
 
 
 # -- specs -------------------------------------------------------------------------------------
@@ -115,9 +119,13 @@ def parse_source(spec: str) -> Source:
             raise LucaError(f"{spec}: weight must be a number > 0, not {opts['weight']!r}")
     if "encoding" in opts:
         try:
-            kw["encoding"] = codecs.lookup(opts["encoding"]).name
-        except LookupError:
-            raise LucaError(f"{spec}: unknown encoding {opts['encoding']!r}") from None
+            info = codecs.lookup(opts["encoding"])
+            "\n".encode(info.name)  # 'undefined' fails here; bytes-to-bytes codecs (base64) below
+            if not info._is_text_encoding:
+                raise LookupError
+            kw["encoding"] = info.name
+        except (LookupError, UnicodeError):
+            raise LucaError(f"{spec}: unknown text encoding {opts['encoding']!r}") from None
     if "errors" in opts:
         if opts["errors"] not in ("strict", "replace"):
             raise LucaError(f"{spec}: errors must be 'strict' or 'replace', not {opts['errors']!r}")
@@ -128,6 +136,22 @@ def parse_source(spec: str) -> Source:
                 raise LucaError(f"{spec}: option {k!r} is empty")
             kw[k] = opts[k]
 
+    if location.startswith("synthetic:"):  # luca/synthetic.py's tasks, training-only documents
+        from luca import synthetic
+        task = location[len("synthetic:"):]
+        if task != "all" and task not in synthetic.TASKS:
+            raise LucaError(f"{spec}: unknown synthetic task {task!r} (tasks: {', '.join(synthetic.TASKS)}, all)")
+        for k in ("n", "seed"):
+            if k in opts:
+                try:
+                    kw[k] = int(opts[k])
+                except ValueError:
+                    raise LucaError(f"{spec}: {k} must be an integer, not {opts[k]!r}") from None
+        if kw.get("n", 1) < 1:
+            raise LucaError(f"{spec}: n must be ≥ 1")
+        return Source(spec, "synthetic", task, **kw)
+    if "n" in opts or "seed" in opts:
+        raise LucaError(f"{spec}: options n and seed belong to synthetic: sources")
     if location.startswith("builtin:"):
         if location != "builtin:python":
             raise LucaError(f"{spec}: unknown builtin source (known: builtin:python)")
@@ -162,6 +186,9 @@ def iter_source(src: Source) -> Iterator[tuple[str, str]]:
 
 
 def _units(src: Source) -> list[Reader]:
+    if src.kind == "synthetic":
+        from luca import synthetic
+        return [lambda: synthetic.iter_documents(src.location, src.n, src.seed)]
     if src.kind == "hf":
         return [lambda: _read_hf(src)]
     if src.kind == "builtin":
@@ -239,6 +266,8 @@ def _decode(data: bytes, where: object, src: Source, offset: int = 0) -> str:
     except UnicodeDecodeError as e:
         raise LucaError(f"{where}: byte {offset + e.start}: not valid {src.encoding} ({e.reason}); "
                         "pass ?encoding=latin-1 or ?errors=replace") from None
+    except UnicodeError as e:  # codecs such as idna fail without a position, and under any errors=
+        raise LucaError(f"{where}: not valid {src.encoding} ({e}); pass ?encoding=latin-1") from None
 
 
 def _read_json(path: Path, src: Source) -> Iterator[tuple[str, str]]:
@@ -403,10 +432,12 @@ def collect(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> dict
                 raise LucaError(f"{src.spec}: no documents after cleaning ({why})")
             stats.append(st)
 
-    val = [_is_val(sha, cfg.val_fraction) for _, sha, _ in docs]
+    # Synthetic tasks train only: validation stays on the text ("train on structure, test on text").
+    synth = [sources[i].kind == "synthetic" for i, _, _ in docs]
+    val = [_is_val(sha, cfg.val_fraction) and not sy for (_, sha, _), sy in zip(docs, synth)]
     if len(docs) >= 2 and cfg.val_fraction > 0:
         # Evaluation needs a validation document and training a training one, however small the corpus.
-        by_hash = sorted(range(len(docs)), key=lambda j: docs[j][1])
+        by_hash = sorted(range(len(docs)), key=lambda j: (synth[j], docs[j][1]))
         if not any(val):
             val[by_hash[0]] = True
         if all(val):
@@ -469,8 +500,17 @@ def iter_documents(data_dir: str | Path, split: str) -> Iterator[str]:
     if not path.is_file():
         raise LucaError(f"{path}: no such file; collect the data first")
     with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
-            yield json.loads(line)
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                doc = json.loads(line)
+                if not isinstance(doc, str):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not a string")
+                yield doc
+        except UnicodeDecodeError:
+            raise LucaError(f"{path}:{lineno + 1}: not UTF-8; collect the data again") from None
+        except (ValueError, RecursionError) as e:
+            raise LucaError(f"{path}:{lineno}: not a document written by collect ({e}); collect again") from None
 
 
 def _read_manifest(data_dir: Path) -> dict:
@@ -478,9 +518,30 @@ def _read_manifest(data_dir: Path) -> dict:
     if not path.is_file():
         raise LucaError(f"{path}: no such file; collect the data first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LucaError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise LucaError(f"{path}: not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("documents", {}), dict):
+        raise LucaError(f"{path}: not a data manifest; collect the data again")
+    return manifest
+
+
+def _tokens_valid(tokens: object) -> bool:
+    """Whether a manifest's `tokens` section is well formed (a damaged or forged one is not), with
+    shard files named inside tokens/."""
+    try:
+        ok = np.dtype(tokens["dtype"]) in (np.uint16, np.uint32) and isinstance(tokens["tokenizer_checksum"], str) \
+            and isinstance(tokens["vocab_size"], int)
+        for split in ("train", "val"):
+            for sh in tokens[split]["shards"]:
+                f, n = sh["file"], sh["n_tokens"]
+                ok = ok and isinstance(f, str) and Path(f).name == f and f.endswith(".bin") \
+                    and isinstance(n, int) and n >= 0
+        return bool(ok)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _write_manifest(data_dir: Path, manifest: dict) -> None:
@@ -508,14 +569,14 @@ def tokenize(data_dir: str | Path, tokenizer, progress: bool = True) -> dict:
     manifest = _read_manifest(data_dir)
     checksum = tokenizer_checksum(tokenizer)
     done = manifest.get("tokens")
-    if done and done.get("tokenizer_checksum") == checksum and _shards_intact(data_dir, done):
+    if _tokens_valid(done) and done["tokenizer_checksum"] == checksum and _shards_intact(data_dir, done):
         return manifest
     # Forget the old shards first: a crash half-way must not leave a manifest vouching for them.
     manifest.pop("tokens", None)
     _write_manifest(data_dir, manifest)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
     tokens: dict = {}
-    total = sum(manifest["documents"].get(s, 0) for s in ("train", "val"))
+    total = sum(n for s, n in manifest.get("documents", {}).items() if s in ("train", "val") and isinstance(n, int))
     with _progress(progress, "tokenize", total, "docs") as advance:
         for split in ("train", "val"):
             tokens[split] = _tokenize_split(data_dir, split, tokenizer, dtype, advance)
@@ -592,6 +653,8 @@ class TokenShards:
         tokens = _read_manifest(self.data_dir).get("tokens")
         if not tokens:
             raise LucaError(f"{self.data_dir}: not tokenized yet; run tokenize first")
+        if not _tokens_valid(tokens):
+            raise LucaError(f"{self.data_dir / 'manifest.json'}: its tokens section is damaged; tokenize again")
         if split not in tokens:
             raise LucaError(f"{self.data_dir}: no split {split!r} in the token shards")
         if not _shards_intact(self.data_dir, tokens):

@@ -9,13 +9,16 @@ What is notable:
 - Two switches pick the family, and `config.json` names the matching Hugging Face class:
   neither → `LlamaForCausalLM`; `qkv_bias` → `Qwen2ForCausalLM`; `qk_norm` (per-head RMSNorm on
   q and k before RoPE) → `Qwen3ForCausalLM`. Module names equal Hugging Face's, so a state dict
-  moves between the two without renaming.
+  moves between the two without renaming. (`family = "gpt2"` names a different network, the
+  GPT-2-style baseline of luca/baseline.py, which `luca compare` trains against this one.)
 - Tied or untied input/output embeddings.
 - Scaled initialisation: residual output projections get std / sqrt(2 · n_layers) (GPT-2).
 - Packed sequences: `doc_ids` restricts attention to tokens of the same document and
   `positions` restarts RoPE positions per document (fine-tuning packs conversations this way).
 - A preallocated KV cache for generation; the loss is computed in chunks so the full
-  (tokens × vocab) float32 logits are never materialised.
+  (tokens × vocab) float32 logits are never materialised (`loss_impl = "chunked"`, the default:
+  memory-friendly, for CPUs and fine-tuning). `loss_impl = "full"` computes all logits and a plain
+  cross-entropy instead, which `torch.compile` fuses into few kernels: the faster path on a GPU.
 - This module imports torch and nothing of luca.
 """
 from __future__ import annotations
@@ -44,12 +47,15 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.02
+    family: str = "luca"  # luca: this file | gpt2: the matched baseline of luca/baseline.py
 
     def __post_init__(self) -> None:
+        if self.family not in ("luca", "gpt2"):
+            raise ValueError(f"family must be luca or gpt2, got {self.family!r}")
         if self.head_dim == 0:
             self.head_dim = self.d_model // self.n_heads
-        if self.d_ff == 0:
-            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_ff == 0:  # GPT-2's MLP is 4 · d_model wide
+            self.d_ff = 4 * self.d_model if self.family == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
@@ -62,6 +68,8 @@ class ModelConfig:
 
     @property
     def arch(self) -> str:
+        if self.family == "gpt2":
+            return "gpt2"
         return "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
 
     def to_dict(self) -> dict:
@@ -204,12 +212,15 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.family != "luca":
+            raise ValueError(f"Transformer builds family 'luca'; family {cfg.family!r} is luca.baseline's")
         self.cfg = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.loss_impl = "chunked"  # or "full": see the module docstring
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -264,9 +275,14 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
+        if self.loss_impl == "full" and reduction != "none":
+            logits = self.lm_head(h).float()
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                   reduction=reduction)
         return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction)
 
 
+@torch.compiler.disable  # a Python loop over chunks: run it eagerly between compiled graphs
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           reduction: str = "mean", chunk: int = 1024) -> torch.Tensor:
     """Cross-entropy of `h @ weight.T` against targets (-100 ignored), never holding all logits.
@@ -310,8 +326,9 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, mean: bool, chunk: int, dtype: torch.dtype):
         n = h.shape[0]
+        # The mean's scale stays a tensor: reading the count back would stall the GPU every step.
         count = (targets != -100).sum().clamp(min=1)
-        scale = 1.0 / count.item() if mean else 1.0
+        scale = 1.0 / count.float() if mean else torch.ones((), device=h.device)
         w = weight.to(dtype)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None

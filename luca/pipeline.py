@@ -18,22 +18,26 @@ from pathlib import Path
 from luca import config as C
 from luca import data as D
 from luca import rundir
+from luca.auxiliary import AuxConfig
 from luca.errors import LucaError
 from luca.model import ModelConfig
 from luca.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer
 from luca.train import TrainConfig, train
 
-SECTIONS = {"data": D.DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": D.DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
+            "aux": AuxConfig}
 
 
 def luca_home() -> Path:
     return Path(os.environ.get("LUCA_HOME", Path.home() / ".cache" / "luca"))
 
 
-def resolve(preset: str = "nano-n1", overrides: list[str] | dict | None = None,
+def resolve(preset: str | dict = "nano-n1", overrides: list[str] | dict | None = None,
             sources: list[str] | None = None) -> dict:
-    """The full config of a run as plain sections; every key is checked against its dataclass."""
-    raw = C.apply_overrides(C.load_preset(preset), overrides or [])
+    """The full config of a run as plain sections; every key is checked against its dataclass.
+
+    `preset` is a preset name, a path to a .toml file, or an already loaded TOML dict."""
+    raw = C.apply_overrides(C.load_preset(preset) if isinstance(preset, str) else preset, overrides or [])
     if sources:
         raw.setdefault("data", {})["sources"] = list(sources)
     unknown = sorted(set(raw) - set(SECTIONS) - {"name", "description"})
@@ -71,7 +75,10 @@ def prepare(cfg: dict, progress: bool = True, say=print) -> tuple[Path, Tokenize
         tok = Tokenizer.load(tok_dir)
     else:
         t = time.perf_counter()
-        tok = build_tokenizer(tok_cfg, D.iter_documents(data_dir, "train"), show_progress=False)
+        texts = D.iter_documents(data_dir, "train")
+        if progress and tok_cfg.kind == "bpe":
+            texts = _chars_progress(texts, min(tok_cfg.max_chars, _train_chars(data_dir)))
+        tok = build_tokenizer(tok_cfg, texts, show_progress=False)
         tok.save(tok_dir)
         say(f"tokenizer: {tok.kind}, {tok.vocab_size:,} ids in {time.perf_counter() - t:.1f} s → {tok_dir}")
     t = time.perf_counter()
@@ -79,6 +86,22 @@ def prepare(cfg: dict, progress: bool = True, say=print) -> tuple[Path, Tokenize
     say(f"tokens: {m['tokens']['train']['n_tokens']:,} train / {m['tokens']['val']['n_tokens']:,} val "
         f"({time.perf_counter() - t:.1f} s)")
     return data_dir, tok
+
+
+def _train_chars(data_dir: Path) -> int:
+    m = json.loads((data_dir / "manifest.json").read_text())
+    return int(m.get("chars", {}).get("train", 0)) or 1
+
+
+def _chars_progress(texts, total: int):
+    """Count characters fed to the BPE trainer (the merges that follow take a few seconds more)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    with Progress(TextColumn("[bold]tokenizer"), BarColumn(), TextColumn("{task.completed:,.0f} chars"),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("tokenizer", total=total)
+        for t in texts:
+            bar.advance(task, len(t))
+            yield t
 
 
 def model_config_for(cfg: dict, tok: Tokenizer) -> ModelConfig:
@@ -103,7 +126,8 @@ def run(preset: str = "nano-n1", sources: list[str] | None = None, out: str | Pa
     cfg["model"] = model_cfg.to_dict()
     cfg["data_dir"] = str(data_dir)
     train_cfg = C.build(TrainConfig, cfg["train"], "train")
-    summary = train(out, model_cfg, train_cfg, data_dir, tok, resume=resume, progress=progress, full_config=cfg)
+    summary = train(out, model_cfg, train_cfg, data_dir, tok, resume=resume, progress=progress, full_config=cfg,
+                    aux=cfg["aux"])
     summary["run_dir"] = str(out)
     summary["samples"] = sample_texts(out, samples) if samples else []
     summary["wall_s"] = round(time.perf_counter() - t0, 1)

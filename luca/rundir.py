@@ -3,7 +3,8 @@
 What is notable:
 - This is the only module that knows the file names inside a run directory.
 - The directory is a Hugging Face model: `config.json` names `LlamaForCausalLM`,
-  `Qwen2ForCausalLM` or `Qwen3ForCausalLM`; weights are BF16 `model.safetensors` with HF's
+  `Qwen2ForCausalLM` or `Qwen3ForCausalLM` (`GPT2LMHeadModel` for the GPT-2-style baseline of
+  luca/baseline.py, which names its own tensors); weights are BF16 `model.safetensors` with HF's
   names (tied `lm_head` left out, as HF does); the tokenizer is `tokenizer.json` +
   `tokenizer_config.json`.
 - Loading also takes HF checkpoints written by others: sharded safetensors with an index,
@@ -40,6 +41,10 @@ RESULTS = "results.json"
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 TRAIN_STATE = "train_state"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a LoRA adapter, PEFT's file names
+ADAPTER_CONFIG = "adapter_config.json"
+FINETUNE_SUMMARY = "finetune_summary.json"
 GGUF_DIR = "gguf"
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -155,12 +160,14 @@ def save_model(run_dir: str | Path, model: Transformer, tok: Tokenizer | None = 
     from safetensors.torch import save_file
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    own = hasattr(model, "hf_state_dict")  # another HF family (luca/baseline.py's GPT-2) names its own tensors
+    sd = model.hf_state_dict() if own else model.state_dict()
+    sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in sd.items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
-    write_json(run_dir / CONFIG, hf_config(model.cfg, tok))
+    write_json(run_dir / CONFIG, model.hf_config(tok) if own else hf_config(model.cfg, tok))
     if tok is not None:
         write_json(run_dir / GENERATION, {"bos_token_id": None, "eos_token_id": [tok.im_end_id, tok.eot_id],
                                            "pad_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
@@ -191,7 +198,15 @@ def load_state_dict(run_dir: str | Path) -> dict[str, torch.Tensor]:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     run_dir = require_run_dir(run_dir)
-    cfg = load_model_config(run_dir)
+    hf = read_json(run_dir / CONFIG)
+    if hf.get("model_type") == "gpt2":  # the baseline of `luca compare` (or any HF GPT-2)
+        from luca.baseline import GPT2
+        try:
+            model = GPT2.from_hf(hf, load_state_dict(run_dir), str(run_dir / CONFIG))
+        except (KeyError, ValueError) as e:
+            raise LucaError(f"{run_dir / CONFIG}: {e}") from None
+        return model.to(device=device, dtype=dtype).eval()
+    cfg = model_config_from_hf(hf, str(run_dir / CONFIG))
     sd = load_state_dict(run_dir)
     # HF checkpoints may carry extra buffers (rotary inv_freq); luca recomputes those.
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}

@@ -10,16 +10,23 @@ What is notable:
   plain text unless `allow_special=True`, so user input can never inject control tokens.
 - Saved as `tokenizer.json` + `tokenizer_config.json` (with a ChatML chat template) that
   `transformers.PreTrainedTokenizerFast.from_pretrained(dir)` loads to the same ids.
+- Foreign Hugging Face tokenizers (an imported Llama / Qwen checkpoint) load too: without
+  `<|endoftext|>` the end-of-text id is the config's `eos_token`; without the ChatML markers
+  `im_start_id`/`im_end_id` are None and chat rendering raises; their `tokenizer_config.json` is
+  saved back unchanged; SentencePiece-style pieces (`▁`, `<0xNN>`) have their bytes too.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from luca.errors import LucaError
 
 # Qwen2's pre-tokenizer pattern, verbatim (llama.cpp: LLAMA_VOCAB_PRE_TYPE_QWEN2).
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -62,16 +69,23 @@ def _finish(tok: HFTokenizer) -> HFTokenizer:
 class Tokenizer:
     """A byte-level tokenizer (BPE or pure bytes) with luca's special tokens."""
 
-    def __init__(self, tok: HFTokenizer, kind: str, default_system: str = ""):
+    def __init__(self, tok: HFTokenizer, kind: str, default_system: str = "", eos_token: str | None = None,
+                 source_config: dict | None = None):
         self.tok = tok
         self.kind = kind  # "bpe" or "byte"
         self.default_system = default_system
+        self.source_config = source_config  # a foreign tokenizer_config.json, saved back as it was
         self.eot_id = tok.token_to_id(EOT)
         self.im_start_id = tok.token_to_id(IM_START)
         self.im_end_id = tok.token_to_id(IM_END)
-        if None in (self.eot_id, self.im_start_id, self.im_end_id):
-            raise ValueError("tokenizer lacks luca's special tokens " + ", ".join(SPECIALS))
-        self.special_ids = {self.eot_id, self.im_start_id, self.im_end_id}
+        if self.eot_id is None and eos_token:
+            self.eot_id = tok.token_to_id(eos_token)
+        if self.eot_id is None:
+            raise ValueError(f"tokenizer has neither {EOT} nor an eos_token in tokenizer_config.json")
+        added = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = {i for i in (self.eot_id, self.im_start_id, self.im_end_id) if i is not None} | added
+        self._special_texts = sorted({tok.id_to_token(i) for i in self.special_ids}, key=len, reverse=True)
+        self._byte_level = isinstance(tok.decoder, decoders.ByteLevel)
         # A twin that never matches special tokens inside text: user input stays plain text.
         # Kept separate (not a toggled flag) so that concurrent threads cannot see the wrong mode.
         self._plain = HFTokenizer.from_str(tok.to_str())
@@ -87,16 +101,25 @@ class Tokenizer:
         if not allow_special:
             return self._encode_plain(text)
         ids: list[int] = []
-        for piece, special in _split_specials(text):
+        for piece, special in _split_specials(text, self._special_texts):
             ids.extend([self.tok.token_to_id(piece)] if special else self._encode_plain(piece))
         return ids
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        try:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (JSON escapes) are not text: U+FFFD, as data cleaning does
+            return self._plain.encode(_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Plain-text ids of many texts at once (parallel inside `tokenizers`)."""
-        return [e.ids for e in self._plain.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            enc = self._plain.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            enc = self._plain.encode_batch_fast([_SURROGATE.sub("\ufffd", t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in enc]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -110,13 +133,27 @@ class Tokenizer:
 
     def token_bytes(self, i: int) -> bytes:
         piece = self.tok.id_to_token(i)
-        if piece in SPECIALS:
+        if piece is None:  # an id past the vocabulary (the model's rows are padded)
+            return b""
+        if i in self.special_ids:
             return piece.encode()
-        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if self._byte_level:
+            try:
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            except KeyError:  # an added plain-text token outside the byte alphabet
+                return piece.encode()
+        m = _BYTE_PIECE.fullmatch(piece)  # SentencePiece-style: byte fallback and ▁ for space
+        return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
 
     # -- chat --------------------------------------------------------------------------------
+    def _require_chatml(self) -> None:
+        if self.im_start_id is None or self.im_end_id is None:
+            raise ValueError(f"this tokenizer has no ChatML markers ({IM_START}, {IM_END}) for chat")
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """ChatML text, byte-identical to `apply_chat_template(..., tokenize=False)`."""
+        self._require_chatml()
+        check_messages(messages)
         out = []
         if messages and messages[0]["role"] == "system":
             out.append(f"{IM_START}system\n{messages[0]['content']}{IM_END}\n")
@@ -131,6 +168,8 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         """Ids of the rendered chat, where only the template's own markers are special tokens."""
+        self._require_chatml()
+        check_messages(messages)
         ids: list[int] = []
         nl = self._encode_plain("\n")
         if messages and messages[0]["role"] == "system":
@@ -154,6 +193,8 @@ class Tokenizer:
         write_text(d / "tokenizer_config.json", json.dumps(self.hf_config(), indent=2))
 
     def hf_config(self) -> dict:
+        if self.source_config is not None:
+            return dict(self.source_config)
         added = {str(self.tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False,
                                                  "rstrip": False, "single_word": False, "special": True}
                  for s in SPECIALS}
@@ -184,17 +225,47 @@ class Tokenizer:
         tok = HFTokenizer.from_file(str(path))
         kind, system = "bpe", ""
         cfg_path = d / "tokenizer_config.json"
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
-            kind = cfg.get("luca_tokenizer_kind", "bpe")
-            system = cfg.get("luca_default_system", "") or ""
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if "luca_tokenizer_kind" not in cfg and (cfg or tok.token_to_id(IM_END) is None):
+            # A foreign tokenizer (Llama's, Qwen's): keep its config; without <|endoftext|> text
+            # ends at its eos token.
+            if "chat_template" not in cfg and (d / "chat_template.jinja").is_file():
+                cfg["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            return cls(tok, kind, "", eos_token=_token_text(cfg.get("eos_token")), source_config=cfg)
+        kind = cfg.get("luca_tokenizer_kind", "bpe")
+        system = cfg.get("luca_default_system", "") or ""
         return cls(tok, kind, system)
 
 
-def _split_specials(text: str) -> Iterator[tuple[str, bool]]:
+def check_messages(messages: object) -> None:
+    """One clear error (LucaError) for a chat that is not a list of {role, content} strings."""
+    if not isinstance(messages, (list, tuple)):
+        raise LucaError(f"chat: expected a list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise LucaError(f"chat message {i}: expected an object with role and content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role.strip() or "\n" in role:
+            raise LucaError(f"chat message {i}: role must be a non-empty one-line string, not {role!r:.60}")
+        if not isinstance(content, str):
+            raise LucaError(f"chat message {i}: content must be a string, not {type(content).__name__}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _token_text(t) -> str | None:
+    """An HF config's token entry: a string or {"content": ...}."""
+    return t.get("content") if isinstance(t, dict) else t
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _split_specials(text: str, specials: list[str] = SPECIALS) -> Iterator[tuple[str, bool]]:
     i = 0
     while i < len(text):
-        hits = [(text.find(s, i), s) for s in SPECIALS]
+        hits = [(text.find(s, i), s) for s in specials]
         hits = [(p, s) for p, s in hits if p >= 0]
         if not hits:
             yield text[i:], False

@@ -7,10 +7,20 @@ What is notable:
   into the same samples a single process would see (rank r takes its own micro-batches).
 - The token batch size `batch_tokens` is reached by gradient accumulation: accum = batch_tokens /
   (micro_batch · seq_len · world). BF16 autocast on CUDA and on CPU (≈2× FP32 on AMX CPUs).
-- Loss and grad-norm are read back only at log steps; non-finite loss or gradients skip the step
-  (counted), and `max_bad_steps` consecutive ones stop training with the last good checkpoint kept.
-- Checkpoints (`train_state/`) hold FP32 weights, optimizer state, the step and RNG states; they
-  are written atomically and verified by checksum on load. `resume=True` continues bitwise on CPU.
+- No host syncs in the step on a GPU: loss and grad-norm are read back only at log steps, and a
+  step with non-finite loss or gradients is skipped on the device (the fused AdamW kernel's
+  `found_inf` input), counted there, and checked at log and save steps; `max_bad_steps`
+  consecutive ones stop training with the last good checkpoint kept. On a CPU (no fused kernel)
+  the check is a host read every step, which costs nothing there.
+- Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
+  autocast, fused AdamW, FlashAttention through SDPA, a plain cross-entropy over full logits that
+  the compiler fuses (`loss_impl`), and the next step's micro-batches read and pinned by a thread
+  while the GPU works.
+- Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
+  logged loss is the mean over ranks, metrics are written by rank 0.
+- Checkpoints (`train_state/`) hold full FP32 weights and optimizer state keyed by parameter name
+  (so a run resumes under another world size or layout), the step and RNG states; they are
+  written atomically and verified by checksum on load. `resume=True` continues bitwise on CPU.
 - Validation bits-per-byte on a fixed set of validation chunks: summed NLL in bits over the UTF-8
   bytes of the target tokens (end-of-text targets are excluded from both).
 """
@@ -21,21 +31,25 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from luca import rundir
 from luca.atomic import atomic_path, write_text
+from luca.distributed import (Dist, all_mean, barrier, full_state, init_distributed, load_full_state, local,
+                              pick_device, sync_context, unwrap, wrap)
 from luca.errors import LucaError
 from luca.model import ModelConfig, Transformer
 from luca.optim import adamw, lr_at
 from luca.tokenizer import Tokenizer
+
+__all__ = ["TrainConfig", "train", "Dist", "init_distributed", "pick_device", "Batches", "build", "train_step"]
 
 
 @dataclass
@@ -60,48 +74,23 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     seed: int = 1337
+    data_seed: int = -1  # the data order's seed; -1: `seed` (compare fixes it while `seed` varies the init)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_bad_steps: int = 5
+    loss_impl: str = "auto"  # auto (full on CUDA, chunked elsewhere) | full | chunked
+    activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.loss_impl not in ("auto", "full", "chunked"):
+            raise ValueError(f"loss_impl must be auto, full or chunked, got {self.loss_impl!r}")
         for f in ("seq_len", "micro_batch", "batch_tokens", "max_steps", "eval_batches", "log_every"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
-
-
-# -- distributed --------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    if "RANK" not in os.environ or dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) \
-            if dist.is_initialized() else Dist()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LucaError(f"train.device={name!r}: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 # -- data order ---------------------------------------------------------------------------------
@@ -127,18 +116,62 @@ class Batches:
         base = step * per_step + (micro * world + rank) * bs
         return torch.from_numpy(np.stack([self.sample(base + j) for j in range(bs)]).astype(np.int64))
 
+    def step_batches(self, step: int, rank: int, world: int, accum: int, bs: int, pin: bool) -> list[torch.Tensor]:
+        out = [self.micro_batch(step, m, rank, world, accum, bs) for m in range(accum)]
+        return [b.pin_memory() for b in out] if pin else out
+
+
+class Loader:
+    """A step's micro-batches on the device; on CUDA the next step's are read and pinned by a thread
+    while the GPU works, and copied without blocking."""
+
+    def __init__(self, batches: Batches, dd: Dist, accum: int, bs: int, device: torch.device):
+        self.args = (dd.rank, dd.world, accum, bs, device.type == "cuda")
+        self.batches, self.device = batches, device
+        self.pool, self.next = None, None
+        if device.type == "cuda":
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="luca-data")
+
+    def get(self, step: int, last_step: int) -> list[torch.Tensor]:
+        if self.pool is None:
+            return self.batches.step_batches(step, *self.args)
+        fut = self.next if self.next is not None and self.next[0] == step else \
+            (step, self.pool.submit(self.batches.step_batches, step, *self.args))
+        cpu = fut[1].result()
+        self.next = (step + 1, self.pool.submit(self.batches.step_batches, step + 1, *self.args)) \
+            if step + 1 < last_step else None
+        return [b.to(self.device, non_blocking=True) for b in cpu]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
 
 # -- checkpoints --------------------------------------------------------------------------------
-def save_state(run_dir: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    """Write train_state/ atomically: state.pt (weights_only-loadable) + meta.json with its checksum."""
-    d = run_dir / rundir.TRAIN_STATE
-    d.mkdir(parents=True, exist_ok=True)
-    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": opt.state_dict(), "step": step, "cpu_rng": torch.get_rng_state()}
-    with atomic_path(d / "state.pt") as tmp:
-        torch.save(state, tmp)
-        digest = _sha256(tmp)
-    write_text(d / "meta.json", json.dumps({"step": step, "sha256": digest, "file": "state.pt", **extra}, indent=2))
+# train_state/ holds state-<step>-<nonce>.pt and meta.json. The state file is written under a
+# temporary name, fsynced and renamed; then meta.json (naming it, with its sha256) is replaced
+# atomically: that rename is the commit. Older state files are deleted only after it, so a crash at
+# any instant leaves meta.json naming a complete file that matches its checksum.
+META = "meta.json"
+
+
+def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict,
+               dd: Dist) -> None:
+    """Write train_state/ atomically: state.pt (weights_only-loadable) + meta.json with its checksum.
+
+    Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes."""
+    model_sd, optim_sd = full_state(model, opt)
+    if dd.main:
+        d = run_dir / rundir.TRAIN_STATE
+        d.mkdir(parents=True, exist_ok=True)
+        state = {"model": model_sd, "optimizer": optim_sd, "step": step, "cpu_rng": torch.get_rng_state()}
+        with atomic_path(d / "state.pt") as tmp:
+            torch.save(state, tmp)
+            digest = _sha256(tmp)
+        write_text(d / "meta.json", json.dumps({"step": step, "sha256": digest, "file": "state.pt",
+                                                "world": dd.world, **extra}, indent=2))
+    barrier(dd)
 
 
 def load_state(run_dir: Path) -> dict | None:
@@ -153,6 +186,17 @@ def load_state(run_dir: Path) -> dict | None:
     state = torch.load(p, map_location="cpu", weights_only=True)
     state["meta"] = meta
     return state
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    flags = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an index-keyed checkpoint of luca ≤ 0.1
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    else:
+        load_full_state(model, opt, state["model"], state["optimizer"])
+    for g, (fused, foreach) in zip(opt.param_groups, flags):  # this device's kernels, not the saver's
+        g["fused"], g["foreach"] = fused, foreach
 
 
 def _sha256(p: Path) -> str:
@@ -201,11 +245,83 @@ def validation_bpb(model: Transformer, val_shards, seq_len: int, n_batches: int,
     return total_nats / math.log(2) / total_bytes, total_nats / max(1, total_tokens)
 
 
+# -- the step -----------------------------------------------------------------------------------
+def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Dist, aux=None):
+    """(raw model, the module the loop calls, optimizer) for this device and process group."""
+    from luca.auxiliary import build_model  # luca's Transformer or the GPT-2 baseline, with [aux] heads
+    torch.manual_seed(cfg.seed)
+    raw = build_model(model_cfg, aux)
+    raw.reset_parameters(seed=cfg.seed)
+    raw.to(device)
+    raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "full" if device.type == "cuda" else "chunked"
+    raw.gradient_checkpointing = cfg.activation_checkpointing
+    model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
+    opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
+    return raw, model, opt
+
+
+def train_step(model: torch.nn.Module, raw: Transformer, opt: torch.optim.Optimizer,
+               micro_batches: list[torch.Tensor], grad_clip: float, autocast, world: int = 1):
+    """Forward, backward, clip and update over one step's micro-batches (each (B, T+1) token ids).
+
+    Returns device tensors (summed micro-batch loss, gradient norm, whether the step was taken)
+    without reading anything back when the optimizer is fused; otherwise `ok` is read to skip."""
+    accum = len(micro_batches)
+    loss_sum = torch.zeros((), device=micro_batches[0].device)
+    for i, batch in enumerate(micro_batches):
+        with sync_context(model, i == accum - 1):
+            with autocast:
+                loss = model(batch[:, :-1], batch[:, 1:])
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else 1e30))
+    # Gradients are all-reduced, so the norm is the same on every rank; a rank's own loss is not, and
+    # ranks must agree on the skip. A non-finite loss makes non-finite gradients anyway.
+    ok = torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+    if all(g.get("fused") for g in opt.param_groups):
+        opt.found_inf = (~ok).float()  # the fused kernel leaves weights and moments alone when set
+        opt.step()
+    elif bool(ok):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, gnorm, ok
+
+
+class BadSteps:
+    """Skipped-step counters kept on the device; `check` reads them back (a host sync)."""
+
+    def __init__(self, device: torch.device, limit: int, total: int = 0):
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.limit, self.total = limit, total
+
+    def record(self, ok: torch.Tensor) -> None:
+        self.streak = torch.where(ok, 0, self.streak + 1)
+        self.worst = torch.maximum(self.worst, self.streak)
+        self.count += (~ok).long()
+
+    def check(self, step: int, run_dir: Path, say) -> None:
+        new, worst, streak = (int(v) for v in torch.stack([self.count, self.worst, self.streak]).tolist())
+        if new:
+            self.total += new
+            self.count.zero_()
+            say(f"step {step}: {new} step(s) with non-finite loss or gradient skipped ({streak} in a row now)")
+        if worst >= self.limit:
+            raise LucaError(f"training stopped at step {step}: {worst} consecutive steps with non-finite loss or "
+                            f"gradients (train.max_bad_steps); the last good checkpoint is kept in "
+                            f"{run_dir / rundir.TRAIN_STATE}")
+        self.worst.copy_(self.streak)
+
+
 # -- the loop -----------------------------------------------------------------------------------
 def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: str | Path,
           tokenizer: Tokenizer, resume: bool = False, progress: bool = True,
-          full_config: dict | None = None, until: int | None = None) -> dict:
+          full_config: dict | None = None, until: int | None = None, aux=None) -> dict:
     """Train `model_cfg` on the token shards in `data_dir`; write the run directory. Returns a summary.
+
+    `aux` (an `auxiliary.AuxConfig` or its dict) adds a training-only objective; the model saved is
+    the plain trunk.
 
     `until` stops after that step as an interruption would (checkpoint written, no final model),
     for training in pieces; `resume=True` then continues to `max_steps`.
@@ -229,52 +345,54 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     accum = cfg.batch_tokens // per_micro
 
     train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
-    batches = Batches(train_shards, cfg.seq_len, cfg.seed)
+    data_seed = cfg.seed if cfg.data_seed < 0 else cfg.data_seed
+    loader = Loader(Batches(train_shards, cfg.seq_len, data_seed), dd, accum, cfg.micro_batch, device)
 
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
-    model.reset_parameters(seed=cfg.seed)
-    model.to(device)
-    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
+    raw_model, model, opt = build(model_cfg, cfg, device, dd, aux)
+    say = (lambda msg: _say(progress, msg)) if dd.main else (lambda msg: None)
     start_step, bad_total = 0, 0
-    elapsed_before, tokens_before = 0.0, 0
+    elapsed_before = 0.0
     state = load_state(run_dir) if resume else None
-    if resume and state is None and dd.main:
-        _say(progress, f"no checkpoint in {run_dir / rundir.TRAIN_STATE}: starting from step 0")
+    if resume and state is None:
+        say(f"no checkpoint in {run_dir / rundir.TRAIN_STATE}: starting from step 0")
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        _restore(model, opt, state)
         torch.set_rng_state(state["cpu_rng"])
         start_step = int(state["step"])
         bad_total = int(state["meta"].get("bad_steps", 0))
         elapsed_before = float(state["meta"].get("elapsed_s", 0.0))
-        tokens_before = start_step * cfg.batch_tokens
         if dd.main:
             rundir.truncate_metrics(run_dir, start_step)
     elif dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for f in (rundir.METRICS,):
-            (run_dir / f).unlink(missing_ok=True)
+        (run_dir / rundir.METRICS).unlink(missing_ok=True)
+    del state
+    tokens_before = start_step * cfg.batch_tokens
     if dd.main:
         rundir.save_tokenizer(run_dir, tokenizer)
         if full_config is not None:
             rundir.write_luca_toml(run_dir, full_config)
 
-    raw_model = model
-    if dd.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
     byte_lens = token_byte_lengths(tokenizer, model_cfg.vocab_size)
+    eval_model = model if cfg.fsdp and dd.world > 1 else raw_model  # FSDP2 evaluates on all ranks together
+
+    def evaluate():
+        return validation_bpb(eval_model, val_shards, cfg.seq_len, cfg.eval_batches, cfg.micro_batch, byte_lens,
+                              device, autocast)
+
+    def save(step_done: int) -> None:
+        save_state(run_dir, model, opt, step_done, {"bad_steps": bad.total,
+                                                     "elapsed_s": elapsed_before + time.perf_counter() - t0}, dd)
 
     n_params = raw_model.num_parameters()
     summary = {"parameters": n_params, "non_embedding_parameters": raw_model.num_parameters(True),
                "accum": accum, "world": dd.world, "device": str(device)}
     bar = _Progress(progress and dd.main, cfg.max_steps, start_step)
+    bad = BadSteps(device, cfg.max_bad_steps, bad_total)
+    check_every_step = not all(g.get("fused") for g in opt.param_groups)  # skipping already read `ok`
     t0 = time.perf_counter()
     t_log, tokens_at_log = t0, 0
-    consecutive_bad = 0
     val_bpb = float("nan")
     last_loss = float("nan")
     step = start_step
@@ -285,74 +403,62 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
                        cfg.decay_fraction)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = batches.micro_batch(step, micro, dd.rank, dd.world, accum, cfg.micro_batch)
-                batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-                sync = nullcontext() if (dd.world == 1 or micro == accum - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        loss = fwd(batch[:, :-1], batch[:, 1:])
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-            ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
-            if bool(ok):  # one host sync per step; cheap next to the step on CPU, needed to skip bad steps
-                opt.step()
-                consecutive_bad = 0
-            else:
-                bad_total += 1
-                consecutive_bad += 1
-                if dd.main:
-                    _say(progress, f"step {step}: non-finite loss or gradient; step skipped "
-                                   f"({consecutive_bad} in a row)")
-                if consecutive_bad >= cfg.max_bad_steps:
-                    raise LucaError(f"training stopped at step {step}: {consecutive_bad} consecutive steps with "
-                                    f"non-finite loss or gradients (train.max_bad_steps); the last good "
-                                    f"checkpoint is kept in {run_dir / rundir.TRAIN_STATE}")
-            opt.zero_grad(set_to_none=True)
+            micro_batches = loader.get(step, cfg.max_steps)
+            loss_sum, gnorm, ok = train_step(model, raw_model, opt, micro_batches, cfg.grad_clip, autocast, dd.world)
+            bad.record(ok)
             done = step + 1
-            if dd.main and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            log = done % cfg.log_every == 0 or done == cfg.max_steps
+            saving = cfg.save_every > 0 and done % cfg.save_every == 0 and done < cfg.max_steps
+            stopping = until is not None and done >= until
+            if check_every_step or log or saving or stopping:
+                bad.check(done, run_dir, say)
+            if log:  # every rank: the loss is averaged over ranks (a collective)
+                last_loss = all_mean(loss_sum, dd).item() / accum
                 now = time.perf_counter()
                 tok_now = (done - start_step) * cfg.batch_tokens
                 tps = (tok_now - tokens_at_log) / max(1e-9, now - t_log)
                 t_log, tokens_at_log = now, tok_now
-                last_loss = loss_sum.item() / accum
                 rec = {"step": done, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(float(gnorm), 6),
                        "tokens": tokens_before + tok_now, "tokens_per_s": round(tps, 1),
-                       "elapsed_s": round(elapsed_before + now - t0, 3), "bad_steps": bad_total, "seed": cfg.seed}
+                       "elapsed_s": round(elapsed_before + now - t0, 3), "bad_steps": bad.total, "seed": cfg.seed}
+                if device.type == "cuda":
+                    rec["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                    val_bpb, val_loss = validation_bpb(raw_model, val_shards, cfg.seq_len, cfg.eval_batches,
-                                                       cfg.micro_batch, byte_lens, device, autocast)
+                    val_bpb, val_loss = evaluate()
                     rec.update(val_bpb=round(val_bpb, 6), val_loss=round(val_loss, 6))
-                rundir.append_metrics(run_dir, rec)
+                if dd.main:
+                    rundir.append_metrics(run_dir, rec)
                 bar.update(done, rec)
             else:
                 bar.update(done, None)
-            if dd.main and cfg.save_every > 0 and done % cfg.save_every == 0 and done < cfg.max_steps:
-                save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total,
-                                                           "elapsed_s": elapsed_before + time.perf_counter() - t0})
-            if until is not None and done >= until:
-                if dd.main:
-                    save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total,
-                                                               "elapsed_s": elapsed_before + time.perf_counter() - t0})
+            if saving:
+                save(done)
+            if stopping:
+                save(done)
                 return {**summary, "steps": done, "interrupted": True}
         done = cfg.max_steps
     finally:
         bar.close()
+        loader.close()
     elapsed = elapsed_before + time.perf_counter() - t0
+    save(done)
+    if cfg.eval_every <= 0 or not math.isfinite(val_bpb):
+        val_bpb, _ = evaluate()
+    final = raw_model
+    if cfg.fsdp and dd.world > 1:  # gather the shards (a collective) into a plain CPU model on rank 0
+        model_sd = full_state(model, opt)[0]
+        if dd.main:
+            final = Transformer(model_cfg)
+            final.load_state_dict(model_sd)
     if dd.main:
-        save_state(run_dir, raw_model, opt, done, {"bad_steps": bad_total, "elapsed_s": elapsed})
-        rundir.save_model(run_dir, raw_model, tokenizer)
-        if cfg.eval_every <= 0 or not math.isfinite(val_bpb):
-            val_bpb, _ = validation_bpb(raw_model, val_shards, cfg.seq_len, cfg.eval_batches, cfg.micro_batch,
-                                        byte_lens, device, autocast)
+        rundir.save_model(run_dir, getattr(final, "trunk", final), tokenizer)  # auxiliary heads stay behind
         summary.update(steps=done, tokens=done * cfg.batch_tokens, time_s=round(elapsed, 2),
                        tokens_per_s=round((done - start_step) * cfg.batch_tokens / max(1e-9, time.perf_counter() - t0), 1),
-                       final_train_loss=round(last_loss, 4), val_bpb=round(val_bpb, 4), bad_steps=bad_total)
+                       final_train_loss=round(last_loss, 4), val_bpb=round(val_bpb, 4), bad_steps=bad.total)
+        if device.type == "cuda":
+            summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         write_report(run_dir, summary, model_cfg, cfg)
-    if dd.world > 1:
-        dist.barrier()
+    barrier(dd)
     return summary
 
 

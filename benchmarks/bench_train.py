@@ -1,0 +1,393 @@
+"""Training throughput on one GPU: luca's nano-n2 step against transformers' LlamaForCausalLM.
+
+One run (under 10 minutes on an H100) measures, in this order:
+1. the BF16 matmul ceiling (8192³, median of timed products after warm-up);
+2. the data loader on real memory-mapped shards (`--data DIR`, a luca data directory): the time to
+   read, stack and pin one micro-batch, against the step time;
+3. training steps at the GPT-2-small shape (12 layers, width 768, 12 heads, sequence 1024,
+   micro-batch 12, vocab 50304, BF16 autocast, AdamW, grad clip 1.0) on random tokens, each
+   variant in its own process: luca through the same `build` / `train_step` as `luca train`
+   (whole-model `torch.compile`, fused AdamW with on-device step skipping, FlashAttention through
+   SDPA, fused full-logits cross-entropy), a few luca variants, and the peer: transformers'
+   `LlamaForCausalLM` with SDPA attention, fused AdamW and `torch.compile`. Warm-up steps (and
+   the compilation) are excluded; each timing is a CUDA-synchronised wall clock over many steps.
+
+MFU counts 6·N FLOPs per token for the N parameters that take part in matrix products (the tied
+embedding once, as the output projection) plus 12·L·d·T for attention scores and values (forward
+and backward, without a causal discount: the PaLM / nanoGPT convention), over the measured ceiling.
+
+Modes: `python benchmarks/bench_train.py [--data DIR]` (the table);
+`python benchmarks/bench_train.py --scaling` (on a machine with ≥ 2 GPUs: one GPU, then all of
+them through torchrun + DDP, and the scaling efficiency); `--variant NAME` and `--dist` are the
+worker modes those use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SHAPE = dict(vocab_size=50304, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, max_seq_len=1024)
+B, T = 12, 1024
+DEV = "cuda"
+if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script's plumbing, measures nothing
+    SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
+    B, T, DEV = 2, 64, "cpu"
+VARIANTS = {  # name: (what it is, worker settings)
+    "luca": ("luca train's GPU path: compiled model, full-logits CE, flash SDPA", {}),
+    "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
+    "luca-eager": ("luca without torch.compile", {"compile": False}),
+    "luca-chunked": ("luca with the chunked fused-linear CE (memory-friendly path)", {"loss_impl": "chunked"}),
+    "luca-cudnn": ("luca with cuDNN attention instead of FlashAttention-2", {"sdpa": "cudnn"}),
+    "luca-cudagraphs": ("luca compiled with mode=reduce-overhead (CUDA graphs)", {"mode": "reduce-overhead"}),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- measurements -------------------------------------------------------------------------------
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(n: int = 8192, reps: int = 30) -> float:
+    if DEV != "cuda":
+        return 1.0
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def loader_time(data_dir: str, accum: int = 40, steps: int = 20) -> dict:
+    """Seconds per micro-batch to read (memmap), stack and pin; the nano-n2 preset's step shape."""
+    from luca.data import TokenShards
+    from luca.train import Batches
+    batches = Batches(TokenShards(data_dir, "train"), T, seed=0)
+    pin = torch.cuda.is_available()
+    batches.step_batches(0, 0, 1, accum, B, pin)
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        batches.step_batches(s, 0, 1, accum, B, pin)
+    per_micro = (time.perf_counter() - t0) / (steps * accum)
+    return {"loader_ms_per_micro_batch": per_micro * 1e3, "train_tokens": batches.shards.n_tokens}
+
+
+def time_steps(step, warmup: int, reps: int, per_rep: int) -> dict:
+    t0 = time.perf_counter()
+    step(0)
+    sync()
+    first = time.perf_counter() - t0
+    for i in range(1, warmup):
+        step(i)
+    sync()
+    ms = []
+    for r in range(reps):
+        t = time.perf_counter()
+        for i in range(per_rep):
+            step(warmup + r * per_rep + i)
+        sync()
+        ms.append((time.perf_counter() - t) / per_rep * 1e3)
+    return {"ms_per_step": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), "first_step_s": first}
+
+
+def profile_breakdown(step, n: int = 3) -> dict:
+    """Share of GPU kernel time by kind over n steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+        for i in range(n):
+            step(i)
+        sync()
+    kinds = {"matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma", "mm_"),
+             "attention": ("flash", "fmha", "attention", "cudnn"), "optimizer": ("adam", "multi_tensor"),
+             "triton (fused elementwise / reductions)": ("triton",)}
+    totals = {k: 0.0 for k in kinds} | {"other": 0.0}
+    top = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t <= 0:
+            continue
+        top.append((t, e.key))
+        name = e.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(s in name for s in keys)), "other")
+        totals[kind] += t
+    total = sum(totals.values()) or 1.0
+    top.sort(reverse=True)
+    return {"gpu_ms_per_step": total / n / 1e3, "shares": {k: round(v / total, 3) for k, v in totals.items()},
+            "top_kernels": [(round(t / n / 1e3, 3), k[:110]) for t, k in top[:15]]}
+
+
+# -- workers ------------------------------------------------------------------------------------
+def flops_per_token(n_matmul_params: int) -> float:
+    return 6 * n_matmul_params + 12 * SHAPE["n_layers"] * SHAPE["d_model"] * T
+
+
+def random_batches(n: int, device) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randint(0, SHAPE["vocab_size"], (B, T + 1), generator=g).to(device) for _ in range(n)]
+
+
+def luca_step_fn(settings: dict, device, max_accum: int = 1):
+    from luca.distributed import init_distributed
+    from luca.model import ModelConfig
+    from luca.train import BadSteps, TrainConfig, build, train_step
+    dd = init_distributed(device)
+    cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world, lr=6e-4,
+                      compile=settings.get("compile", True) and "mode" not in settings,
+                      loss_impl=settings.get("loss_impl", "auto"))
+    raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
+    if "mode" in settings:
+        model = torch.compile(model, mode=settings["mode"])
+    autocast = torch.autocast(DEV, dtype=torch.bfloat16)
+    bad = BadSteps(device, cfg.max_bad_steps)
+    data = random_batches(max(8, max_accum), device)
+
+    def step(i: int, accum: int = 1):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr
+        micro = [data[(i * accum + m) % len(data)] for m in range(accum)]
+        _, _, ok = train_step(model, raw, opt, micro, 1.0, autocast, dd.world)
+        bad.record(ok)
+    return step, raw.num_parameters(), dd
+
+
+def hf_step_fn(device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from luca.optim import param_groups
+    from luca.model import ModelConfig
+    cfg = LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"],
+                      intermediate_size=ModelConfig(**SHAPE).d_ff,
+                      num_hidden_layers=SHAPE["n_layers"], num_attention_heads=SHAPE["n_heads"],
+                      num_key_value_heads=SHAPE["n_kv_heads"], max_position_embeddings=T, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(device)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), fused=DEV == "cuda")
+    fwd = torch.compile(model)
+    data = random_batches(8, device)
+
+    def step(i: int):
+        batch = data[i % len(data)]
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = fwd(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts the labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields the tied matrix once
+    return step, n
+
+
+def _device() -> torch.device:
+    if DEV != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def _peak_gib(device) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if DEV == "cuda" else 0.0
+
+
+def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool) -> dict:
+    device = _device()
+    settings = VARIANTS[name][1]
+    ctx = _sdpa_context(settings.get("sdpa"))
+    with ctx:
+        if name == "transformers":
+            step, n = hf_step_fn(device)
+        else:
+            step, n, _ = luca_step_fn(settings, device)
+        res = time_steps(step, warmup, reps, per_rep)
+        if profile:
+            res["profile"] = profile_breakdown(step)
+    res.update(variant=name, params=n, tokens_per_step=B * T,
+               max_memory_gib=_peak_gib(device))
+    return res
+
+
+def _sdpa_context(kind):
+    from contextlib import nullcontext
+    if kind != "cudnn":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+
+def run_dist(accums: list[int], warmup: int, reps: int, per_rep: int) -> list[dict]:
+    """Under torchrun (or alone): luca's step with DDP; tokens/s over all ranks."""
+    device = _device()
+    step, n, dd = luca_step_fn({}, device, max(accums))
+    out = []
+    for accum in accums:  # one model: the compiled graphs serve every accumulation count
+        res = time_steps(lambda i: step(i, accum), warmup, reps, per_rep)
+        res.update(world=dd.world, accum=accum, params=n, max_memory_gib=_peak_gib(device),
+                   tokens_per_s=dd.world * accum * B * T / (res["ms_per_step"] / 1e3))
+        out.append(res)
+    return out
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def _worker(args: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run a worker process; its last stdout line starting with RESULT is the answer."""
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=max(10.0, timeout),
+                           env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        log(err[-3000:])
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or "")[-3000:]
+        log(tail)
+        return {"error": (tail.strip().splitlines() or ["exit %d" % r.returncode])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _save(out_dir: Path | None, name: str, obj) -> None:
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_text(json.dumps(obj, indent=2))
+
+
+def bench(a) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    deadline = time.time() + a.budget
+    out_dir = Path(a.out) if a.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
+    log(f"device: {gpu}, torch {torch.__version__}")
+    ceiling = matmul_ceiling()
+    log(f"bf16 matmul 8192³: {ceiling:.0f} TFLOP/s")
+    loader = loader_time(a.data) if a.data else None
+    results = {}
+    for name in a.variants.split(","):
+        left = deadline - time.time()
+        if left < a.min_left:
+            results[name] = {"error": f"skipped: {left:.0f} s of the budget left"}
+            continue
+        log(f"-- {name} ({left:.0f} s left)")
+        cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
+               "--per-rep", str(a.per_rep)] + (["--profile"] if name == "luca" else [])
+        results[name] = _worker(cmd, left - 5)
+        log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
+        _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
+
+    peer = results.get("transformers", {}).get("ms_per_step")
+    table = Table(title=f"training step, GPT-2-small shape (12×768, T={T}, micro-batch {B}, vocab 50304, BF16) "
+                        f"on {gpu}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+    for col in ("variant", "tokens/s", "ms/step", "MFU", "vs transformers", "peak GiB", "first step s"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    md = ["| variant | tokens/s | ms/step | MFU | vs transformers | peak GiB | first step s |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        if "ms_per_step" not in r:
+            row = [name, "-", "-", "-", "-", "-", r.get("error", "")[:60]]
+        else:
+            tps = B * T / (r["ms_per_step"] / 1e3)
+            mfu = tps * flops_per_token(r["params"]) / (ceiling * 1e12)
+            ratio = f"{peer / r['ms_per_step']:.2f}×" if peer else "-"
+            row = [name, f"{tps:,.0f}", f"{r['ms_per_step']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f})",
+                   f"{mfu:.1%}", ratio, f"{r['max_memory_gib']:.1f}", f"{r['first_step_s']:.0f}"]
+            r.update(tokens_per_s=tps, mfu=mfu)
+        table.add_row(*row)
+        md.append("| " + " | ".join(row) + " |")
+    con = Console(width=160)
+    prof = results.get("luca", {}).get("profile")
+    if prof:
+        con.print(f"luca profile: GPU kernel time {prof['gpu_ms_per_step']:.2f} ms/step; shares "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in prof["shares"].items()))
+        for t, k in prof["top_kernels"][:8]:
+            con.print(f"  {t:7.3f} ms  {k}")
+    if loader:
+        step_ms = results.get("luca", {}).get("ms_per_step")
+        share = f" = {loader['loader_ms_per_micro_batch'] / step_ms:.2%} of luca's step" if step_ms else ""
+        con.print(f"data loader (memmap → stack → pin, {loader['train_tokens']:,}-token shards): "
+                  f"{loader['loader_ms_per_micro_batch']:.3f} ms per {B}×{T + 1} micro-batch{share} "
+                  f"(and done by a prefetch thread while the GPU works)")
+    con.print(f"MFU = tokens/s × (6·N + 12·L·d·T) / {ceiling:.0f} TFLOP/s; N = parameters in matrix products "
+              f"({results.get('luca', {}).get('params', 0):,})")
+    con.print(table)
+    print("\n".join(md))
+    _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
+    if out_dir is not None:
+        (out_dir / "bench.md").write_text("\n".join(md) + "\n")
+
+
+def scaling(a) -> None:
+    n = torch.cuda.device_count() if DEV == "cuda" else 2
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
+    accums = a.accums
+    one = _worker([sys.executable, __file__, "--dist", "--accums", accums, "--warmup", str(a.warmup),
+                   "--reps", str(a.reps), "--per-rep", str(a.per_rep)], a.budget / 2)
+    many = _worker([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                    __file__, "--dist", "--accums", accums, "--warmup", str(a.warmup), "--reps", str(a.reps),
+                    "--per-rep", str(a.per_rep)], a.budget / 2)
+    print(f"| micro-batches per rank per step | 1 × {gpu} tokens/s | {n} × tokens/s | scaling efficiency |")
+    print("|---:|---:|---:|---:|")
+    for r1, rn in zip(one.get("runs", []), many.get("runs", [])):
+        eff = rn["tokens_per_s"] / (n * r1["tokens_per_s"])
+        print(f"| {r1['accum']} | {r1['tokens_per_s']:,.0f} | {rn['tokens_per_s']:,.0f} | {eff:.1%} |")
+    if "error" in one or "error" in many:
+        print("errors:", one.get("error"), many.get("error"))
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    _save(out_dir, "scaling.json", {"device": gpu, "gpus": n, "one": one, "many": many})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="a luca data directory (token shards) for the loader measurement")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
+    p.add_argument("--min-left", type=float, default=75, help="skip a variant with less than this left")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--per-rep", type=int, default=20)
+    p.add_argument("--out", help="folder for bench.json / bench.md (default: $OUT if set)")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dist", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--scaling", action="store_true", help="1 GPU vs all GPUs of the machine (DDP)")
+    p.add_argument("--accums", default="1,4", help="micro-batches per rank per step, for --scaling")
+    a = p.parse_args()
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU")
+    if a.variant:
+        print("RESULT " + json.dumps(run_variant(a.variant, a.warmup, a.reps, a.per_rep, a.profile)), flush=True)
+    elif a.dist:
+        runs = run_dist([int(x) for x in a.accums.split(",")], a.warmup, a.reps, a.per_rep)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("RESULT " + json.dumps({"runs": runs}), flush=True)
+    elif a.scaling:
+        scaling(a)
+    else:
+        bench(a)
+
+
+if __name__ == "__main__":
+    main()
