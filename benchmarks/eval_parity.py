@@ -170,7 +170,7 @@ def main() -> None:
     rows, t_luca_all, t_lm_all = [], 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         write_tasks(Path(tmp), files)
-        tm = TaskManager(include_path=tmp)
+        tm = TaskManager(include_path=tmp, include_defaults=False)
         for name in names:
             rec = evaluate_task(model, tok, name, files[name], limit=a.limit, bootstrap_iters=a.bootstrap_iters,
                                 details=True)

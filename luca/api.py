@@ -117,7 +117,8 @@ class Model:
         seqs = [context_ids + c for c in continuations]
         T = max(len(s) for s in seqs)
         if T > self.context_length:
-            raise LucaError(f"choose: question + option ({T} tokens) exceed the model's context ({self.context_length})")
+            raise LucaError(f"choose: question + option ({T} tokens) exceed the model's context "
+                            f"({self.context_length})")
         toks = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):  # right padding: causal attention never lets a real token see it
             toks[i, :len(s)] = torch.tensor(s)
@@ -142,10 +143,11 @@ def _messages(messages: list[dict] | str, system: str | None) -> list[dict]:
     return msgs
 
 
-def load(run_dir: str | Path, backend: str = "native", threads: int | None = None) -> Model:
-    """Load a run directory for generation (`backend` is "native" or "llama.cpp")."""
+def load(run_dir: str | Path, backend: str = "native", threads: int | None = None, gguf: str | None = None) -> Model:
+    """Load a run directory for generation (`backend` is "native" or "llama.cpp"; `gguf` picks
+    llama.cpp's file type, e.g. "q4_k_m", exported on demand)."""
     from luca.scheduler import open_backend
-    return Model(open_backend(str(run_dir), backend, threads=threads), Path(run_dir).resolve().name)
+    return Model(open_backend(str(run_dir), backend, threads=threads, gguf=gguf), Path(run_dir).resolve().name)
 
 
 @lru_cache(maxsize=2)
@@ -262,7 +264,7 @@ def choose(question: str, options: list[str], model: Model | str | Path = None, 
         conts = [m.tok.encode(o) for o in options]
     elif format == "plain":
         ctx = m.tok.encode(f"Question: {question.strip()}\nAnswer:")
-        conts = [m.tok.encode(" " + o.strip()) for o in options]
+        conts = [m.tok.encode(o if o[:1].isspace() else " " + o) for o in options]
     else:
         raise LucaError(f"choose: format must be chat or plain, got {format!r}")
     m.last_prompt_ids = ctx

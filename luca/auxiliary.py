@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from luca.errors import LucaError
 from luca.model import ModelConfig, RMSNorm, Transformer, chunked_cross_entropy
 
 KINDS = ("none", "bottleneck", "mtp")
@@ -66,13 +67,19 @@ def build_model(model_cfg: ModelConfig, aux: AuxConfig | dict | None = None) -> 
     """The network training builds for these configs (initialised; `reset_parameters(seed)` reseeds)."""
     if model_cfg.family == "gpt2":
         from luca.baseline import GPT2
-        trunk = GPT2(model_cfg)
+        try:
+            trunk = GPT2(model_cfg)
+        except ValueError as e:
+            raise LucaError(f"[model]: {e}") from None
     else:
         trunk = Transformer(model_cfg)
     aux = AuxConfig(**aux) if isinstance(aux, dict) else aux
     if aux is None or aux.kind == "none":
         return trunk
-    return AuxiliaryObjective(trunk, aux)
+    try:
+        return AuxiliaryObjective(trunk, aux)
+    except ValueError as e:
+        raise LucaError(f"[aux]: {e}") from None
 
 
 def blocks_of(trunk: nn.Module) -> nn.ModuleList:

@@ -22,7 +22,10 @@ What is notable:
 - The same calling convention as `luca.model.Transformer` (`model(tokens)` → logits,
   `model(tokens, targets, reduction=...)` → loss through the fused chunked cross-entropy or,
   with `loss_impl = "full"`, a plain one; `positions=`, `doc_ids=`, `cache=KVCache`), so the
-  training loop, validation BPB, evaluation and the diagnostics run it unchanged.
+  training loop, validation BPB, `evaluate.bpb` and the diagnostics run it unchanged; and the
+  engine protocol (`generate_ids`), so `luca run`'s samples and `luca generate` work. (The
+  benchmark harness of luca/evaluate and the native engine's fused kernels read luca's
+  Transformer internals and do not take it.)
 - Imports torch and luca.model (KVCache, chunked cross-entropy) only.
 """
 from __future__ import annotations
@@ -181,6 +184,44 @@ class GPT2(nn.Module):
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                    reduction=reduction)
         return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction)
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], s, stop_ids: set[int] | None = None):
+        """luca.engine's engine protocol: per step, each prompt's new id (None once it stopped).
+
+        KV-cached; the sampling rules are the engine's (`sample_next`). Prompts of different lengths
+        run one after another (no padding masks here), interleaved step by step."""
+        from luca.engine import sample_next  # sampling lives in the engine (floor 3); imported on use
+        if len({len(p) for p in prompts}) > 1:
+            its = [self.generate_ids([p], s, stop_ids) for p in prompts]
+            while True:
+                step = [next(it, [None])[0] for it in its]
+                if all(x is None for x in step):
+                    return
+                yield step
+        device = next(self.parameters()).device
+        B, T0 = len(prompts), len(prompts[0])
+        if T0 == 0:
+            raise ValueError("empty prompt")
+        if T0 + s.max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the context "
+                             f"({self.cfg.max_seq_len})")
+        gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+        cache = KVCache(self.cfg, B, T0 + s.max_new_tokens, device=device, dtype=next(self.parameters()).dtype)
+        history = torch.tensor(prompts, dtype=torch.long, device=device)
+        logits = self(history, cache=cache)[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
+        for _ in range(s.max_new_tokens):
+            nxt = sample_next(logits, history if s.repetition_penalty != 1.0 else None, s, gen)
+            is_stop = torch.isin(nxt, stop) if stop.numel() else torch.zeros_like(done)
+            yield [None if (done[b] or is_stop[b]) else int(nxt[b]) for b in range(B)]
+            done |= is_stop
+            if bool(done.all()):
+                return
+            history = torch.cat([history, nxt[:, None]], 1)
+            logits = self(nxt[:, None], cache=cache)[:, -1]
 
     # -- Hugging Face GPT2LMHeadModel ---------------------------------------------------------
     def hf_config(self, tok=None) -> dict:

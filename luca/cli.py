@@ -388,6 +388,15 @@ def cmd_merge(a, extra):
 
 
 # -- serve / chat / persona / task ------------------------------------------------------------
+def _passive_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user chose a policy).
+
+    Decoding runs many tiny parallel regions; on a busy 2-core machine spinning threads starve
+    each other (measured: 14 → 670 tokens/s for a tiny model). Must run before torch is imported.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _serve_args(p):
     p.add_argument("run_dir")
     p.add_argument("--backend", choices=["native", "llama.cpp"], default="native")
@@ -395,8 +404,9 @@ def _serve_args(p):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LUCA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LUCA_API_KEY, else none)")
-    p.add_argument("--scheduler", choices=["batch", "queue"], default="batch",
-                   help="batch: continuous batching (native); queue: one request at a time")
+    p.add_argument("--gguf", default=None, help="llama.cpp: q4_k_m, q8_0, f16, ... (exported on demand)")
+    p.add_argument("--scheduler", choices=["batch", "queue"], default=None,
+                   help="batch: continuous batching (native's default); queue: one request at a time")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -405,18 +415,21 @@ def _serve_args(p):
 @command("serve", "serve a run over an OpenAI-compatible HTTP API with a web chat page at /")
 @args(_serve_args)
 def cmd_serve(a, extra):
+    _passive_openmp()
     from luca.serve import serve
     _split_overrides(extra)
     if a.max_batch < 1:
         raise LucaError("--max-batch must be ≥ 1")
     con = console()
     serve(a.run_dir, backend=a.backend, host=a.host, port=a.port, api_key=a.api_key, scheduler=a.scheduler,
-          max_batch=a.max_batch, max_body=a.max_body, threads=a.threads, say=lambda m: con.print(m, markup=False))
+          max_batch=a.max_batch, max_body=a.max_body, threads=a.threads, gguf=a.gguf,
+          say=lambda m: con.print(m, markup=False))
 
 
 def _chat_args(p):
     p.add_argument("run_dir")
     p.add_argument("--backend", choices=["native", "llama.cpp"], default="native")
+    p.add_argument("--gguf", default=None, help="llama.cpp: q4_k_m, q8_0, f16, ... (exported on demand)")
     p.add_argument("--system", default=None, help="system prompt for this session (default: the run's persona)")
     _sampling_args(p)
     p.set_defaults(max_new_tokens=256)
@@ -425,6 +438,7 @@ def _chat_args(p):
 @command("chat", "chat with a run in the terminal (/system, /reset, /save, /help)")
 @args(_chat_args)
 def cmd_chat(a, extra):
+    _passive_openmp()
     from luca.api import load
     from luca.chat import chat_loop
     _split_overrides(extra)
@@ -433,7 +447,7 @@ def cmd_chat(a, extra):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    model = load(a.run_dir, backend=a.backend)
+    model = load(a.run_dir, backend=a.backend, gguf=a.gguf)
     chat_loop(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
               top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
 
@@ -473,6 +487,7 @@ def _task_args(p):
 @command("task", "run one task (stdin in, text or --json out), or --choose among options: a script's decision step")
 @args(_task_args)
 def cmd_task(a, extra):
+    _passive_openmp()
     import json as _json
 
     from luca.api import choose, load, run_task
@@ -541,6 +556,82 @@ def cmd_import(a, extra):
     _split_overrides(extra)
     con = console()
     import_hf(a.hf_dir, a.out, say=lambda m: con.print(m, markup=False))
+
+
+# -- compare / ladder -----------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _compare_args(p):
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="presets or .toml files (two or more)")
+    p.add_argument("--seeds", type=int, default=4, help="init seeds 0..N-1 per config (default 4)")
+    p.add_argument("--match", choices=["params", "flops"], default="params")
+    p.add_argument("--tokens", type=lambda s: int(float(s)), help="training tokens per run (default: each config's)")
+    p.add_argument("--out", default="comparison", help="output directory (rerun to resume)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="allowed spread of the matched quantity")
+    p.add_argument("--force", action="store_true", help="run even when unmatched or validating on other data")
+    p.add_argument("--data", nargs="+", metavar="SPEC", help="data sources for every config")
+    p.add_argument("--data-seed", type=int, default=0, help="data-order seed shared by all runs (-1: = init seed)")
+    p.add_argument("--diagnostics", type=int, nargs="?", const=100, default=0, metavar="N",
+                   help="score the structured tasks, N examples each (default 100)")
+    p.add_argument("--by-position", type=int, nargs="?", const=200_000, default=0, metavar="BYTES",
+                   help="BPB by position in the context over BYTES of validation text (default 200000)")
+    p.add_argument("--dry-run", action="store_true", help="count and check the match; train nothing")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+@command("compare", "train configs × seeds on the same data; statistics, comparison.md and curves")
+@args(_compare_args)
+def cmd_compare(a, extra):
+    from rich.table import Table
+
+    from luca.compare import compare
+    con = console()
+    r = compare(a.configs, a.seeds, a.match, a.tokens, a.out, tolerance=a.tolerance, force=a.force,
+                overrides=a.set + _split_overrides(extra), sources=a.data,
+                data_seed=None if a.data_seed < 0 else a.data_seed, diagnostics=a.diagnostics,
+                by_position=a.by_position, dry_run=a.dry_run, say=lambda m: con.print(m, markup=False))
+    t = Table(title="compare" + (" (dry run)" if a.dry_run else ""))
+    for h in ("config", "parameters", "tokens", "FLOPs", "val BPB", "n"):
+        t.add_column(h)
+    for c in r["configs"]:
+        s = r.get("summary", {}).get("configs", {}).get(c["label"], {})
+        bpb = f"{s['val_bpb_mean']:.4f} ± {s['val_bpb_std']:.4f}" if s.get("n") else "–"
+        t.add_row(c["label"], f"{c['parameters']:,}", f"{c['tokens']:,}", f"{c['flops']:.3g}", bpb, str(s.get("n", 0)))
+    con.print(t)
+    if a.dry_run:
+        con.print(f"matched on {r['settings']['match']}: spread {r['settings']['spread']:.2%}")
+        return
+    from luca.compare_report import verdict
+    for p in r["summary"]["pairs"]:
+        con.print(verdict(p))
+    out = Path(r["out"])
+    con.print(f"{out / 'comparison.md'}\n{out / 'comparison.json'}\n{out / 'validation_curves.png'}")
+
+
+def _ladder_args(p):
+    p.add_argument("config", help="preset or .toml file")
+    p.add_argument("--sizes", type=_int_list, required=True, help="depths, e.g. 2,3,4,6")
+    p.add_argument("--tokens", type=_int_list, required=True, help="training tokens, one or several, e.g. 2e6,8e6")
+    p.add_argument("--budget", type=float, help="FLOPs to forecast the compute-optimal size for")
+    p.add_argument("--out", default="ladder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", nargs="+", metavar="SPEC")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+@command("ladder", "train a ladder of sizes, fit L(N[, D]) = E + A/N^a (+ B/D^b), forecast")
+@args(_ladder_args)
+def cmd_ladder(a, extra):
+    from luca.ladder import ladder
+    con = console()
+    r = ladder(a.config, a.sizes, a.tokens, a.out, seed=a.seed, overrides=a.set + _split_overrides(extra),
+               sources=a.data, budget=a.budget, say=lambda m: con.print(m, markup=False))
+    con.print((Path(r["out"]) / "ladder.md").read_text(encoding="utf-8"), markup=False)
 
 
 # -- main -----------------------------------------------------------------------------------

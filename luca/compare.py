@@ -120,7 +120,7 @@ def prepare_arm(label: str, preset: str | dict, overrides=None, sources=None, to
     try:
         with torch.device("meta"):
             m = build_model(model_cfg, aux)
-    except ValueError as e:
+    except LucaError as e:
         raise LucaError(f"{label}: {e}") from None
     aux_params = m.aux_parameters() if hasattr(m, "aux_parameters") else 0
     return Arm(label, str(preset) if isinstance(preset, str) else label, cfg, data_dir, tok, model_cfg, aux,
@@ -157,7 +157,13 @@ def fingerprint_arms(arms: Sequence[Arm]) -> None:
 
 
 def _fingerprint(data_dir: Path, split: str) -> str:
+    """Of the documents themselves for "val" (small); of what produced them for "train" (large)."""
     h = hashlib.sha256()
+    if split == "train":
+        m = rundir.read_json(data_dir / "manifest.json")
+        h.update(json.dumps([m["config"], [s.get("sha256") for s in m["sources"]], m["documents"], m["chars"]],
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]
     for text in D.iter_documents(data_dir, split):
         h.update(hashlib.sha256(text.encode("utf-8")).digest())
     return h.hexdigest()[:16]
@@ -409,13 +415,14 @@ def compare(configs: Sequence[str | Path], seeds: int | Sequence[int] = 4, match
 
             def started(r, key=(a.label, s), rel=rel):
                 records[key] = dict(r, run_dir=rel)
-                _write(out, result, arms, seed_list, records)
+                _write(out, result, arms, seed_list, records, plots=False)
 
             rec, trained = run_arm(a, s, run_dir, p, progress=progress, diagnostics=diagnostics,
                                    by_position=by_position, on_start=started)
-            records[(a.label, s)] = dict(rec, run_dir=rel)
+            records[(a.label, s)] = rec = dict(rec, run_dir=rel)
             (trained_now if trained else reused).append(f"{a.label}/seed{s}")
-            _write(out, result, arms, seed_list, records)
+            if rec != p:
+                _write(out, result, arms, seed_list, records, plots=False)
     result = _write(out, result, arms, seed_list, records)
     result.update(trained=trained_now, reused=reused, out=str(out))
     return result
@@ -431,13 +438,26 @@ def _labels(configs: Sequence[str | Path]) -> list[str]:
     return [s if stems.count(s) == 1 else f"{s}-{i + 1}" for i, s in enumerate(stems)]
 
 
-def _write(out: Path, result: dict, arms: Sequence[Arm], seeds: Sequence[int], records: dict) -> dict:
+def _write(out: Path, result: dict, arms: Sequence[Arm], seeds: Sequence[int], records: dict,
+           plots: bool = True) -> dict:
     labels = [a.label for a in arms]
     runs = [records[(a.label, s)] for s in seeds for a in arms if (a.label, s) in records]
     result = dict(result, runs=runs, updated=rundir.timestamp(),
                   complete=all(r.get("status") == "done" for r in runs) and len(runs) == len(arms) * len(seeds))
     result["summary"] = summarize(labels, runs)
+    result = _json_safe(result)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_json(out / JSON, result)
-    write_report(out, result)
+    write_report(out, result, plots)
     return result
+
+
+def _json_safe(x):
+    """NaN and infinities (a config with no finished run, a zero-variance t) become null: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x

@@ -45,10 +45,11 @@ def verdict(pair: dict) -> str:
     if n == 0:
         return f"{pair['a']} vs {pair['b']}: no seed finished for both yet."
     rel = pair["per_seed_relative"]
+    # margins relative to the losing config's BPB: (loser − winner) / loser
     if pair["a_better"] == n:
-        win, lose, margins = pair["a"], pair["b"], rel
+        win, lose, margins = pair["a"], pair["b"], [r / (1 + r) for r in rel]
     elif pair["b_better"] == n:
-        win, lose, margins = pair["b"], pair["a"], [-r / (1 + r) for r in rel]
+        win, lose, margins = pair["b"], pair["a"], [-r for r in rel]
     else:
         return (f"{pair['a']} is better on {pair['a_better']}/{n} seeds, {pair['b']} on {pair['b_better']}/{n} "
                 f"(mean relative difference {pair['relative']:+.2%}); paired t-test p = {_p(pair['t_test_p'])}, "
@@ -107,7 +108,8 @@ def markdown(r: dict) -> str:
         for t in tasks:
             row = [t]
             for lab in labels:
-                acc = [x["diagnostics"][t]["accuracy"] for x in runs if x["config"] == lab and t in x.get("diagnostics", {})]
+                acc = [x["diagnostics"][t]["accuracy"] for x in runs if x["config"] == lab
+                       and x.get("diagnostics", {}).get(t, {}).get("accuracy") is not None]
                 row.append(f"{sum(acc) / len(acc):.1%}" if acc else "–")
             rows.append(row)
         lines += ["## Structured diagnostics (exact match, greedy; mean over seeds)", "", _table(["task"] + labels, rows), ""]
@@ -135,13 +137,18 @@ def mean_position_curves(runs: list[dict], labels: list[str]) -> dict[str, dict[
     return out
 
 
-def write_report(out: Path, r: dict) -> None:
+def write_report(out: Path, r: dict, plots: bool = True) -> None:
     write_text(out / MD, markdown(r))
+    if not plots:
+        return
     runs = [x for x in r["runs"] if x.get("status") == "done"]
     labels = [c["label"] for c in r["configs"]]
-    plot_curves(out / CURVES_PNG, runs, labels)
-    if any("by_position" in x for x in runs):
-        plot_positions(out / POSITION_PNG, mean_position_curves(runs, labels))
+    try:
+        plot_curves(out / CURVES_PNG, runs, labels)
+        if any("by_position" in x for x in runs):
+            plot_positions(out / POSITION_PNG, mean_position_curves(runs, labels))
+    except ImportError:  # matplotlib is a core dependency, but a bare GPU image may lack it: tables still stand
+        pass
 
 
 def _plt():

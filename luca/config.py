@@ -39,12 +39,14 @@ def load_preset(name: str) -> dict:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise LucaError(f"{p}: {e}") from None
+    except RecursionError:
+        raise LucaError(f"{p}: nested too deeply") from None
 
 
 def parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
@@ -56,7 +58,10 @@ def apply_overrides(cfg: dict, overrides: list[str] | dict[str, Any]) -> dict:
         section, _, field = key.partition(".")
         if not field:
             raise LucaError(f"override {key!r}: expected section.key=value (e.g. train.max_steps=100)")
-        out.setdefault(section, {})[field] = parse_value(value) if isinstance(value, str) else value
+        table = out.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise LucaError(f"override {key!r}: {section} is {table!r:.40} in the preset, not a [{section}] table")
+        table[field] = parse_value(value) if isinstance(value, str) else value
     return out
 
 
@@ -69,6 +74,8 @@ def _split_override(o: str) -> tuple[str, str]:
 
 def build(cls: type, values: dict, section: str) -> Any:
     """Instantiate dataclass `cls` from a TOML section, checking keys and value types."""
+    if not isinstance(values, dict):
+        raise LucaError(f"[{section}]: expected a table of keys, not {values!r:.40}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -95,7 +102,9 @@ def _coerce(v: Any, hint: Any, where: str) -> Any:
             return int(v)
     elif hint is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
+            if math.isfinite(v):  # a nan or inf learning rate would poison every weight
+                return float(v)
+            raise LucaError(f"{where}: expected a finite number, got {v!r}")
     elif hint is str:
         if isinstance(v, str):
             return v
@@ -112,11 +121,13 @@ def _coerce(v: Any, hint: Any, where: str) -> Any:
 
 def derive_model(section: dict) -> dict:
     """Expand the `depth` dial: d_model = 64·depth, one head per 64 dims, half as many KV heads."""
+    if not isinstance(section, dict):
+        raise LucaError(f"[model]: expected a table of keys, not {section!r:.40}")
     section = dict(section)
     depth = section.pop("depth", None)
     if depth is None:
         return section
-    if not isinstance(depth, int) or depth < 1:
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise LucaError(f"model.depth: expected a positive integer, got {depth!r}")
     d_model = section.get("d_model", 64 * depth)
     n_heads = section.get("n_heads", max(1, math.ceil(d_model / 64)))

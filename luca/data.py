@@ -279,6 +279,8 @@ def _read_json(path: Path, src: Source) -> Iterator[tuple[str, str]]:
             records = json.loads(_decode(path.read_bytes(), path, src).lstrip("\ufeff"))
         except json.JSONDecodeError as e:
             raise LucaError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise LucaError(f"{path}: JSON nested too deeply") from None
         for i, rec in enumerate(records):
             yield f"{path}[{i}]", _field(rec, src.field, f"{path}[{i}]")
         return
@@ -291,6 +293,8 @@ def _read_json(path: Path, src: Source) -> Iterator[tuple[str, str]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise LucaError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise LucaError(f"{path}:{lineno}: JSON nested too deeply") from None
         yield f"{path}:{lineno}", _field(rec, src.field, f"{path}:{lineno}")
 
 
@@ -332,7 +336,14 @@ def _read_parquet(path: Path, src: Source) -> Iterator[tuple[str, str]]:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise LucaError(f"{path}: column {src.column!r} holds {kind}, not strings")
     row = 0
-    for batch in pf.iter_batches(columns=[src.column], batch_size=8192):
+    batches = pf.iter_batches(columns=[src.column], batch_size=8192)
+    while True:
+        try:  # a damaged page shows only when it is read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise LucaError(f"{path}: row {row} on: not a readable Parquet file ({e})") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             if text is None:
                 raise LucaError(f"{path}:{row}: column {src.column!r} is null")

@@ -77,7 +77,7 @@ def score(model, tok, examples: Sequence[Example], batch_size: int = 64, keep_fa
     failures = [{"prompt": e.prompt[-80:], "expected": e.answer, "got": a.strip()}
                 for a, e, ok in zip(answers, kept, right) if not ok][:keep_failures]
     n = len(kept)
-    return {"accuracy": sum(right) / n if n else float("nan"), "correct": sum(right), "n": n,
+    return {"accuracy": sum(right) / n if n else None, "correct": sum(right), "n": n,
             "skipped": len(examples) - n, "failures": failures}
 
 
@@ -88,10 +88,9 @@ def fit_sizes(task: str, tok, context: int) -> dict:
     hi = 24
     while hi > 2:
         sample = generate(task, 8, seed=12345, pairs=(hi, hi))
-        longest = max(len(tok.encode(e.text)) for e in sample) + 4
-        if longest <= context:
+        if max(len(tok.encode(e.text)) for e in sample) + 4 <= context:
             break
-        hi //= 2
+        hi = max(2, hi // 2)
     return {"pairs": (max(2, hi // 3), hi)}
 
 

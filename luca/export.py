@@ -281,6 +281,11 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, TYPES[qtype][1])
     params.nthread = threads or os.cpu_count() or 1
+    try:  # llama-cpp-python's log callback: errors only (a quantization log is hundreds of lines)
+        from llama_cpp._logger import set_verbose
+        set_verbose(False)
+    except ImportError:
+        pass
     with atomic_path(dst) as tmp, _quiet_stderr() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
@@ -454,7 +459,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, say: Callable[[str], None] | 
 def _safetensors_dtypes(d: Path) -> set[str]:
     """Tensor dtypes named in the safetensors headers (without reading the weights)."""
     index = d / rundir.WEIGHTS_INDEX
-    files = sorted(set(rundir.read_json(index)["weight_map"].values())) if index.is_file() else [rundir.WEIGHTS]
+    files = rundir.shard_names(index) if index.is_file() else [rundir.WEIGHTS]
     out: set[str] = set()
     for f in files:
         with open(d / Path(f).name, "rb") as fh:

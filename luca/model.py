@@ -52,6 +52,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in ("luca", "gpt2"):
             raise ValueError(f"family must be luca or gpt2, got {self.family!r}")
+        for f in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, f) <= 0:  # first: the derivations below divide by them
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if self.head_dim == 0:
             self.head_dim = self.d_model // self.n_heads
         if self.d_ff == 0:  # GPT-2's MLP is 4 · d_model wide
@@ -60,8 +63,8 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
-        for f in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
-            if getattr(self, f) <= 0:
+        for f in ("head_dim", "d_ff", "rope_theta", "norm_eps"):
+            if not getattr(self, f) > 0:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if self.qk_norm and self.qkv_bias:
             raise ValueError("qk_norm (Qwen3) and qkv_bias (Qwen2) together match no Hugging Face family")

@@ -38,6 +38,7 @@ def resolve(preset: str | dict = "nano-n1", overrides: list[str] | dict | None =
 
     `preset` is a preset name, a path to a .toml file, or an already loaded TOML dict."""
     raw = C.apply_overrides(C.load_preset(preset) if isinstance(preset, str) else preset, overrides or [])
+    check_sections(raw)
     if sources:
         raw.setdefault("data", {})["sources"] = list(sources)
     unknown = sorted(set(raw) - set(SECTIONS) - {"name", "description"})
@@ -49,6 +50,19 @@ def resolve(preset: str | dict = "nano-n1", overrides: list[str] | dict | None =
         obj = C.build(cls, raw.get(name, {}), name)
         out[name] = obj.to_dict() if hasattr(obj, "to_dict") else _asdict(obj)
     return out
+
+
+def check_sections(raw: dict) -> None:
+    """Sections are tables; `name` is one path component, since it names the run directory runs/NAME."""
+    for k in SECTIONS:
+        if not isinstance(raw.get(k, {}), dict):
+            raise LucaError(f"[{k}]: expected a table of keys, not {raw[k]!r:.40}")
+    for k in ("name", "description"):
+        if not isinstance(raw.get(k, ""), str):
+            raise LucaError(f"{k}: expected a string, not {raw[k]!r:.40}")
+    name = raw.get("name")
+    if name is not None and (Path(name).name != name or name in ("", ".", "..") or "\\" in name):
+        raise LucaError(f"name = {name!r}: must be one path component (the run directory is runs/NAME)")
 
 
 def _asdict(obj) -> dict:

@@ -42,8 +42,11 @@ REPORT = "report.md"
 LOSS_PNG = "loss.png"
 TRAIN_STATE = "train_state"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a LoRA adapter, PEFT's file names
-ADAPTER_CONFIG = "adapter_config.json"
+# A LoRA adapter with PEFT's file names, in a subdirectory: transformers would apply an
+# adapter_config.json at the top level on top of the merged weights.
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
+ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"
 FINETUNE_SUMMARY = "finetune_summary.json"
 GGUF_DIR = "gguf"
 
@@ -142,7 +145,7 @@ def read_json(p: str | Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LucaError(f"{p}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LucaError(f"{p}: not valid JSON ({e})") from None
 
 
@@ -157,6 +160,7 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
 # -- weights ---------------------------------------------------------------------------------
 def save_model(run_dir: str | Path, model: Transformer, tok: Tokenizer | None = None) -> None:
     """config.json + BF16 model.safetensors (+ generation_config.json when a tokenizer is given)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,10 @@ def save_model(run_dir: str | Path, model: Transformer, tok: Tokenizer | None = 
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     with atomic_path(run_dir / WEIGHTS) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk: the old file stays
+            raise LucaError(f"{run_dir / WEIGHTS}: cannot write ({e})") from None
     write_json(run_dir / CONFIG, model.hf_config(tok) if own else hf_config(model.cfg, tok))
     if tok is not None:
         write_json(run_dir / GENERATION, {"bos_token_id": None, "eos_token_id": [tok.im_end_id, tok.eot_id],
@@ -180,12 +187,10 @@ def load_state_dict(run_dir: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     run_dir = Path(run_dir)
     index = run_dir / WEIGHTS_INDEX
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    files = shard_names(index) if index.is_file() else [WEIGHTS]
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         p = run_dir / f
-        if Path(f).name != f:
-            raise LucaError(f"{index}: shard name {f!r} leaves the directory")
         try:
             sd.update(load_file(str(p)))
         except FileNotFoundError:
@@ -193,6 +198,19 @@ def load_state_dict(run_dir: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise LucaError(f"{p}: not a readable safetensors file ({e})") from None
     return sd
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a safetensors index names: plain file names beside it (never ../x or /x)."""
+    wm = read_json(index)
+    wm = wm.get("weight_map") if isinstance(wm, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+        raise LucaError(f"{index}: no weight_map of tensor names to shard files")
+    files = sorted(set(wm.values()))
+    for f in files:
+        if Path(f).name != f or f in ("", ".", ".."):
+            raise LucaError(f"{index}: shard name {f!r} leaves the directory")
+    return files
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",

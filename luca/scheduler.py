@@ -290,9 +290,13 @@ class BatchScheduler(_Scheduler):
             if out and L * (len(out) + 1) > self.prefill_tokens:
                 break
             self._pending.popleft()
+            try:
+                gen = torch.Generator(device=self.device).manual_seed(r.sampling.seed) \
+                    if r.sampling.seed is not None else None
+            except (RuntimeError, ValueError, OverflowError) as e:  # fail this request, not the worker
+                _emit(r, ValueError(f"seed: {e}"))
+                continue
             longest = L
-            gen = torch.Generator(device=self.device).manual_seed(r.sampling.seed) \
-                if r.sampling.seed is not None else None
             out.append(_Row(r, TextStream(self.tok, r.sampling.stop), gen, len(r.prompt_ids),
                             history=list(r.prompt_ids), t0=time.perf_counter()))
         return out
@@ -401,8 +405,9 @@ class Backend:
     stream_fn: Callable[[list[int], SamplingConfig, set[int]], Iterator[str | Completion]]
     model: Transformer | None = None  # native only: batching and log-likelihoods
 
-    def scheduler(self, kind: str = "batch", max_batch: int = 16) -> _Scheduler:
-        """"batch" (continuous batching, native only) or "queue" (one request at a time, FIFO)."""
+    def scheduler(self, kind: str | None = None, max_batch: int = 16) -> _Scheduler:
+        """"batch" (continuous batching, native only; the default there) or "queue" (FIFO, one at a time)."""
+        kind = kind or ("batch" if self.model is not None else "queue")
         if kind not in ("batch", "queue"):
             raise LucaError(f"--scheduler: unknown scheduler {kind!r} (batch, queue)")
         if self.model is None:
@@ -419,8 +424,9 @@ class Backend:
 BACKENDS = ("native", "llama.cpp")
 
 
-def open_backend(run_dir: str, backend: str = "native", threads: int | None = None) -> Backend:
-    """Load a run directory for generation with the named engine."""
+def open_backend(run_dir: str, backend: str = "native", threads: int | None = None,
+                 gguf: str | None = None, say: Callable[[str], None] | None = None) -> Backend:
+    """Load a run directory for generation with the named engine (`gguf`: llama.cpp's file type)."""
     from luca import rundir
     if threads:
         torch.set_num_threads(threads)
@@ -436,7 +442,8 @@ def open_backend(run_dir: str, backend: str = "native", threads: int | None = No
         except ImportError as e:
             raise LucaError(f"--backend llama.cpp: the llama.cpp engine is not available ({e})") from None
         tok = rundir.load_tokenizer(run_dir)
-        handle = L.load(run_dir)
-        ctx = getattr(handle, "context_length", None) or rundir.load_model_config(run_dir).max_seq_len
-        return Backend("llama.cpp", tok, int(ctx), lambda ids, s, stop: L.stream(handle, tok, ids, s, stop))
+        handle = L.load(run_dir, gguf, threads=threads, say=say)
+        trained = rundir.load_model_config(run_dir).max_seq_len
+        ctx = min(int(getattr(handle, "context_length", None) or trained), trained)  # llama.cpp rounds n_ctx up
+        return Backend("llama.cpp", tok, ctx, lambda ids, s, stop: L.stream(handle, tok, ids, s, stop))
     raise LucaError(f"--backend: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

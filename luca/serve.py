@@ -33,15 +33,14 @@ from luca.scheduler import Backend, open_backend
 
 WEB_DIR = Path(str(resources.files("luca") / "web"))
 MAX_BODY = 1 << 20  # 1 MiB: far above any prompt that fits a compact model's context
+MAX_WAITING = 256  # requests queued beyond the running batch; more are turned away with 503
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 
 def _require_fastapi():
-    try:
-        import fastapi  # noqa: F401
-        import pydantic  # noqa: F401
-    except ImportError:
-        raise LucaError("luca serve needs fastapi and uvicorn: pip install 'luca[serve]'") from None
+    from importlib.util import find_spec
+    if not all(find_spec(m) for m in ("fastapi", "uvicorn", "pydantic")):
+        raise LucaError("luca serve needs fastapi and uvicorn: pip install 'luca[serve]'")
 
 
 # -- request schemas -----------------------------------------------------------------------------
@@ -52,7 +51,9 @@ def _schemas():
         include_usage: bool = False
 
     class Sampling(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        # An unknown field is a 400, not silently ignored: a client asking for tools or a JSON
+        # format must not get plain text as if it had been honoured.
+        model_config = ConfigDict(extra="forbid")
         model: str = Field("", description="the served model's id (see /v1/models)")
         max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most")
         temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
@@ -61,11 +62,16 @@ def _schemas():
         repetition_penalty: float = Field(1.0, gt=0, description="extension")
         n: int = Field(1, ge=1, le=1, description="only 1 is supported")
         stop: Union[str, list[str], None] = Field(None, description="up to 4 stop strings")
-        seed: int | None = None
+        seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
         stream: bool = False
         stream_options: StreamOptions | None = None
+        clamp_max_tokens: bool = Field(False, description="extension: treat max_tokens as a cap and cut it to "
+                                                           "what the context leaves instead of answering 400")
         logprobs: Any = Field(None, description="not supported")
         user: str | None = None
+        frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0 is accepted")
+        presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0 is accepted")
+        logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: only {}")
 
     class CompletionRequest(Sampling):
         prompt: Union[str, list[str]] = Field(..., description="one prompt (a list of exactly one is accepted)")
@@ -100,7 +106,7 @@ def _error_body(message: str, type_: str = "invalid_request_error", param=None, 
 class Served:
     """A backend plus its scheduler: what the routes call."""
 
-    def __init__(self, backend: Backend, model_id: str, scheduler: str = "batch", max_batch: int = 16):
+    def __init__(self, backend: Backend, model_id: str, scheduler: str | None = None, max_batch: int = 16):
         self.backend, self.model_id, self.tok = backend, model_id, backend.tok
         self.context_length = backend.context_length
         self.scheduler = backend.scheduler(scheduler, max_batch)
@@ -121,6 +127,8 @@ class Served:
                            "messages" if hasattr(req, "messages") else "prompt", "context_length_exceeded")
         room = ctx - prompt_len
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if asked is not None and req.clamp_max_tokens:
+            asked = min(asked, room)
         if asked is not None and asked > room:
             raise APIError(400, f"this model's context is {ctx} tokens; the prompt takes {prompt_len}, so "
                                 f"max_tokens can be at most {room}, but {asked} was requested",
@@ -132,6 +140,11 @@ class Served:
                                   seed=req.seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def check_capacity(self) -> None:
+        if self.scheduler.stats()["waiting"] >= MAX_WAITING:
+            raise APIError(503, f"server busy: {MAX_WAITING} requests are already waiting; retry later",
+                           code="server_busy")
 
     def check_model(self, name: str) -> None:
         if name and name != self.model_id:
@@ -177,6 +190,7 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     CompletionRequest, ChatRequest = _schemas()
     app = FastAPI(title="luca", version="0.1.0",
@@ -188,12 +202,17 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse(_error_body(e.message, type_, e.param, e.code), e.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # unparsable body, unknown route, wrong method
+        return JSONResponse(_error_body(str(e.detail)), e.status_code, headers=getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         parts: dict[str, str] = {}  # one message per top-level field (a union reports each branch)
         for err in e.errors():
             if err.get("type") == "json_invalid":
-                return JSONResponse(_error_body(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', '')})"), 400)
+                why = err.get("ctx", {}).get("error", "")
+                return JSONResponse(_error_body(f"the request body is not valid JSON ({why})"), 400)
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
             parts.setdefault(loc[0] if loc else "body", f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
         msg = "; ".join(list(parts.values())[:3]) or "invalid request"
@@ -227,6 +246,7 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request):
         served.check_model(body.model)
+        served.check_capacity()
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -265,6 +285,7 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
         served.check_model(body.model)
+        served.check_capacity()
         msgs = [{"role": "system" if m.role == "developer" else m.role,
                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                 for m in body.messages]
@@ -366,11 +387,12 @@ class BodyLimit:
 
 
 # -- running it ----------------------------------------------------------------------------------
-def build(run_dir: str, backend: str = "native", scheduler: str = "batch", max_batch: int = 16,
-          api_key: str | None = None, max_body: int = MAX_BODY, threads: int | None = None):
+def build(run_dir: str, backend: str = "native", scheduler: str | None = None, max_batch: int = 16,
+          api_key: str | None = None, max_body: int = MAX_BODY, threads: int | None = None,
+          gguf: str | None = None, say=None):
     """(app, served) for a run directory."""
     _require_fastapi()
-    b = open_backend(run_dir, backend, threads=threads)
+    b = open_backend(run_dir, backend, threads=threads, gguf=gguf, say=say)
     served = Served(b, Path(run_dir).resolve().name, scheduler, max_batch)
     return create_app(served, api_key, max_body), served
 
@@ -410,18 +432,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(run_dir: str, backend: str = "native", host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, scheduler: str = "batch", max_batch: int = 16,
-          max_body: int = MAX_BODY, threads: int | None = None, say=print) -> None:
+          api_key: str | None = None, scheduler: str | None = None, max_batch: int = 16,
+          max_body: int = MAX_BODY, threads: int | None = None, gguf: str | None = None, say=print) -> None:
     """Serve a run directory until interrupted."""
     try:
         import uvicorn
     except ImportError:
         raise LucaError("luca serve needs fastapi and uvicorn: pip install 'luca[serve]'") from None
-    app, served = build(run_dir, backend, scheduler, max_batch, api_key, max_body, threads)
+    app, served = build(run_dir, backend, scheduler, max_batch, api_key, max_body, threads, gguf, say)
     if host not in LOOPBACK and not api_key:
         say(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     shown = f"[{host}]" if ":" in host else host
-    say(f"serving {served.model_id} ({backend}, {scheduler} scheduler, context {served.context_length}) "
+    say(f"serving {served.model_id} ({backend}, {served.scheduler.name} scheduler, context {served.context_length}) "
         f"at http://{shown}:{port}/  (API: http://{shown}:{port}/v1, schema: /openapi.json)")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -222,10 +222,18 @@ class Tokenizer:
         path = d / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        tok = HFTokenizer.from_file(str(path))
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a readable tokenizer.json ({str(e)[:200]})") from None
         kind, system = "bpe", ""
         cfg_path = d / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        except RecursionError:
+            cfg = None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path}: not a JSON object")
         if "luca_tokenizer_kind" not in cfg and (cfg or tok.token_to_id(IM_END) is None):
             # A foreign tokenizer (Llama's, Qwen's): keep its config; without <|endoftext|> text
             # ends at its eos token.

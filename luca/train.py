@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import time
 from contextlib import nullcontext, suppress
@@ -86,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.loss_impl not in ("auto", "full", "chunked"):
             raise ValueError(f"loss_impl must be auto, full or chunked, got {self.loss_impl!r}")
         for f in ("seq_len", "micro_batch", "batch_tokens", "max_steps", "eval_batches", "log_every"):
@@ -158,34 +161,85 @@ META = "meta.json"
 
 def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict,
                dd: Dist) -> None:
-    """Write train_state/ atomically: state.pt (weights_only-loadable) + meta.json with its checksum.
+    """Commit a checkpoint: weights, optimizer state (weights_only-loadable), step and RNG state.
 
     Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes."""
     model_sd, optim_sd = full_state(model, opt)
     if dd.main:
-        d = run_dir / rundir.TRAIN_STATE
-        d.mkdir(parents=True, exist_ok=True)
         state = {"model": model_sd, "optimizer": optim_sd, "step": step, "cpu_rng": torch.get_rng_state()}
-        with atomic_path(d / "state.pt") as tmp:
-            torch.save(state, tmp)
-            digest = _sha256(tmp)
-        write_text(d / "meta.json", json.dumps({"step": step, "sha256": digest, "file": "state.pt",
-                                                "world": dd.world, **extra}, indent=2))
+        write_state(run_dir, state, step, {"world": dd.world, **extra})
     barrier(dd)
 
 
+def write_state(run_dir: Path, state: dict, step: int, extra: dict) -> None:
+    """Commit `state` as the checkpoint of `step`. A full disk or an unwritable directory raises
+    LucaError and leaves the previous checkpoint as it was."""
+    d = Path(run_dir) / rundir.TRAIN_STATE
+    name = f"state-{step:08d}-{secrets.token_hex(4)}.pt"  # never the name meta.json holds now
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with atomic_path(d / name) as tmp:
+            with open(tmp, "wb") as f:
+                out = _File(f)
+                try:
+                    torch.save(state, out)
+                except RuntimeError as e:  # torch.save hides a failed write's cause (disk full) in its own error
+                    raise out.error or e
+            digest = _sha256(tmp)
+        write_text(d / META, json.dumps({"step": step, "sha256": digest, "file": name, **extra}, indent=2))
+    except (OSError, RuntimeError) as e:
+        with suppress(OSError):
+            (d / name).unlink(missing_ok=True)  # renamed but never committed
+        raise LucaError(f"{d}: cannot write the checkpoint of step {step} ({_reason(e)}); "
+                        f"the previous checkpoint is kept") from None
+    with suppress(OSError):  # superseded states, and temporary files a crash left behind
+        for p in d.iterdir():
+            if p.name != name and (p.name.startswith("state") and p.suffix == ".pt" or p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
+
+
 def load_state(run_dir: Path) -> dict | None:
-    d = run_dir / rundir.TRAIN_STATE
-    meta_p = d / "meta.json"
+    """The committed checkpoint (None when there is none), verified against its checksum."""
+    d = Path(run_dir) / rundir.TRAIN_STATE
+    meta_p = d / META
     if not meta_p.is_file():
         return None
-    meta = json.loads(meta_p.read_text())
-    p = d / meta["file"]
-    if not p.is_file() or _sha256(p) != meta["sha256"]:
+    try:
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+        name, digest, _ = meta["file"], meta["sha256"], int(meta["step"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise LucaError(f"{meta_p}: damaged (not JSON with step, file and sha256)") from None
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise LucaError(f"{meta_p}: checkpoint file {name!r} is not a file name inside {d}")
+    p = d / name
+    if not p.is_file() or _sha256(p) != digest:
         raise LucaError(f"{p}: checkpoint does not match its checksum in {meta_p}; it is damaged")
     state = torch.load(p, map_location="cpu", weights_only=True)
     state["meta"] = meta
     return state
+
+
+class _File:
+    """A file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:

@@ -137,11 +137,26 @@ def test_score_pairs_equals_direct_computation(loaded):
     ctx_a = tok.encode("def fib(n):\n    a, b = 0, 1\n    for _ in range(n):")
     pairs = [(ctx_a, tok.encode(" return a")), (ctx_a, tok.encode(" pass")), (ctx_a, tok.encode(" pass")),
              (ctx_a[:3], tok.encode(" x")), (ctx_a[:3], tok.encode(" y")), (ctx_a, tok.encode(" " + "z" * 10))]
-    got = H.score_pairs(model, pairs, max_len=L, row_len=24, batch_tokens=40)
+    for groups, bt in ((None, 40), ([0, 0, 0, 0, 0, 0], 1000), ([0, 1, 0, 1, 2, 2], 17)):
+        _check_direct(model, pairs, H.score_pairs(model, pairs, groups, max_len=L, batch_tokens=bt), L)
+
+
+def _check_direct(model, pairs, got, L):
     for (c, x), s in zip(pairs, got):
         ll, greedy = _direct_ll(model, c, x, L)
         assert s.ll == pytest.approx(ll, abs=1e-4) and s.greedy == greedy
     assert got[1].ll == got[2].ll  # identical requests are scored once
+
+
+def test_prefix_tree_layout():
+    reqs = [([1, 2, 3], [9], 0), ([1, 2, 4, 5], [8, 7], 1), ([1, 6], [5], 2), ([1, 2], [3], 3)]
+    [t] = H._build_trees(reqs, cap=100)
+    assert t.tokens == [1, 2, 3, 4, 5, 6] and t.depth == [0, 1, 2, 2, 3, 1]
+    assert t.end == [6, 5, 3, 5, 5, 6]  # node i's subtree is i .. end[i]-1
+    assert sorted(t.targets) == [(1, 3, 3), (2, 9, 0), (3, 8, 1), (4, 7, 1), (5, 5, 2)]
+    small = H._build_trees(reqs, cap=4)
+    assert [x.tokens for x in small] == [[1, 2, 3], [1, 2, 4, 5], [1, 6]]
+    assert [x.end for x in small] == [[3, 3, 3], [4, 4, 4, 4], [2, 2]]
 
 
 def test_metrics_by_hand():

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -311,7 +310,7 @@ def test_peft_loads_the_adapter(lora_run):
     peft = pytest.importorskip("peft")
     run, s = lora_run
     hf = transformers.AutoModelForCausalLM.from_pretrained(s["base"], dtype=torch.float32)
-    hf = peft.PeftModel.from_pretrained(hf, str(run)).eval()
+    hf = peft.PeftModel.from_pretrained(hf, str(run / rundir.ADAPTER_DIR)).eval()
     ours, _ = load_finetuned(run, dtype=torch.float32)
     x = torch.randint(0, 300, (2, 30))
     with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -195,6 +196,43 @@ def test_data_directory_files(scratch, manifest, docs):
     outcome(D.tokenize, d, byte_tokenizer(), progress=False)
 
 
+NASTY = {"deep": DEEP, "deep_object": b'{"text": ' + b'{"a": ' * 20_000, "huge_line": HUGE, "cut_line": HUGE[:150_000],
+         "nul": b"\x00" * 100, "bad_utf8": b'{"text": "caf\xe9"}\n', "bom_only": b"\xef\xbb\xbf", "empty": b"",
+         "null_field": b'{"text": null}\n', "number_field": b'{"text": 3}\n', "empty_field": b'{"text": ""}\n',
+         "array": b"[1, 2, 3]", "lone_surrogate": b'{"text": "\\udc80"}\n', "utf16": "\ufeffhi".encode("utf-16"),
+         "crlf": b'{"text": "a"}\r\n\r\n', "only_newlines": b"\n" * 1000}
+
+
+def _parquet(corrupt: str) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(2000)]}), buf, row_group_size=500)
+    data = buf.getvalue()
+    if corrupt == "page":  # a compressed data page damaged: the footer still reads
+        return data[:len(data) // 2] + bytes(range(256)) + data[len(data) // 2 + 256:]
+    return data[:len(data) // 2] if corrupt == "cut" else data[:-6] + b"PAR1"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", [*NASTY, "parquet_page", "parquet_cut", "parquet_footer"])
+def test_known_nasty_files(scratch, tokenizers, name):
+    """Each reader on each classic bad file: a result or one clear error."""
+    from luca import data as D
+    data = NASTY[name] if name in NASTY else _parquet(name.split("_")[1])
+    exts = [".parquet"] if name.startswith("parquet") else [".jsonl", ".json", ".txt"]
+    chat = pytest.importorskip("luca.finetune.chat_data")
+    tasks = pytest.importorskip("luca.evaluate.tasks")
+    for ext in exts:
+        d = scratch()
+        p = d / f"valid{ext}"
+        p.write_bytes(data)
+        outcome(D.collect, D.DataConfig(sources=[str(p)]), d / "out", progress=False)
+        outcome(chat.load_chat_data, [str(p)], tokenizers[0], 64)
+        for task in tasks.TASKS:
+            outcome(tasks.load_task, task, p)
+
+
 # -- tokenizer and chat template ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizers():
@@ -288,7 +326,8 @@ SECTION_KEYS = {"data": ["sources", "val_fraction", "seed", "min_chars"],
                           "max_seq_len", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings"],
                 "train": ["seq_len", "micro_batch", "batch_tokens", "max_steps", "lr", "warmup_steps", "schedule",
                           "dtype", "save_every", "max_bad_steps", "device", "seed", "grad_clip"]}
-TOML_SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.integers(-3, 70),
+TOML_SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.integers(-3, 70), st.integers(-1, 3),
+                         st.integers(-1, 3), st.sampled_from([0.0, -1.0, 1e-300, 1e300, 0.5]),
                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
                          st.sampled_from(["__import__('os').system('touch /tmp/pwned')", "os.system",
                                           "luca.train:evil", "!!python/object:os.system", "${HOME}", "cosine",
@@ -312,21 +351,27 @@ def _toml_value(v) -> str:
 
 @st.composite
 def presets(draw) -> bytes:
-    kind = draw(st.sampled_from(["structured", "structured", "text", "bytes"]))
+    kind = draw(st.sampled_from(["structured", "structured", "structured", "text", "bytes", "nasty"]))
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "text":
         return draw(st.text(alphabet='[]=."\n abc1{}#', max_size=120)).encode()
+    if kind == "nasty":
+        return draw(st.sampled_from([b"a = " + b"[" * 5000, b"a = " + b"{b = " * 3000, b"\xff\xfe[train]",
+                                     b"[train]\nlr = nan", b"[train]\nmax_steps = inf", b'name = "../../escape"',
+                                     b'name = "/abs/path"', b"name = 3", b"[[train]]\nlr = 1", b"train.lr = 1"]))
     lines = []
-    for _ in range(draw(st.integers(0, 3))):
-        k = draw(st.sampled_from(["name", "description", "depth", "data"]))
-        lines.append(f"{k} = {_toml_value(draw(TOML_VALUES))}")
-    for section in draw(st.lists(st.sampled_from([*SECTION_KEYS, "bogus"]), max_size=4, unique=True)):
-        lines.append(f"[{section}]")
-        for key in draw(st.lists(st.sampled_from(SECTION_KEYS.get(section, ["x"]) + ["unknown"]), max_size=5,
-                                 unique=True)):
+    tables = []
+    for key in ["name", "description", *SECTION_KEYS, "bogus"]:
+        how = draw(st.sampled_from(["absent", "absent", "value", "table", "table"]))
+        if how == "value" or (how == "table" and key in ("name", "description")):
             lines.append(f"{key} = {_toml_value(draw(TOML_VALUES))}")
-    return "\n".join(lines).encode()
+        elif how == "table":
+            tables.append(f"[{key}]")
+            for k in draw(st.lists(st.sampled_from(SECTION_KEYS.get(key, ["x"]) + ["unknown"]), max_size=5,
+                                   unique=True)):
+                tables.append(f"{k} = {_toml_value(draw(TOML_VALUES))}")
+    return "\n".join(lines + tables).encode()
 
 
 OVERRIDES = st.lists(st.one_of(
@@ -348,6 +393,8 @@ def test_presets_and_overrides(scratch, preset, overrides):
         for section in ("data", "tokenizer", "model", "train"):
             for v in cfg[section].values():  # values are plain data: nothing was imported or run
                 assert v is None or isinstance(v, (bool, int, float, str, list))
+                assert not isinstance(v, float) or math.isfinite(v)
+        assert Path(cfg.get("name", "x")).name == cfg.get("name", "x")  # runs/NAME stays under runs/
     assert not Path("/tmp/pwned").exists()
 
 

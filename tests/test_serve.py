@@ -110,8 +110,15 @@ def test_chat_streaming_and_not_stop_and_seed(server, tok):
 
 
 def test_16_concurrent_streams_no_crosstalk(server):
+    """Greedy streams (even i) and seeded sampled streams (odd i, distinct by construction) run
+    together; each must equal what the same request gets when it is alone."""
     c, mid = server.client, server.served.model_id
-    single = [_chat_text(c, mid, p, max_tokens=24, temperature=0) for p in PROMPTS]
+
+    def kw(i):
+        return dict(max_tokens=24, temperature=0) if i % 2 == 0 else dict(max_tokens=24, temperature=1.0, seed=i)
+
+    single = [_chat_text(c, mid, p, **kw(i)) for i, p in enumerate(PROMPTS)]
+    assert len(set(single[1::2])) > 4  # outputs differ, so a mix-up between streams would show
     peak0 = _http().get(server.url + "/health").json()["peak_active"]
     results: dict[int, str] = {}
     errors: list[BaseException] = []
@@ -121,7 +128,7 @@ def test_16_concurrent_streams_no_crosstalk(server):
         try:
             cl = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
             barrier.wait()
-            results[i] = _chat_text(cl, mid, PROMPTS[i], max_tokens=24, temperature=0)
+            results[i] = _chat_text(cl, mid, PROMPTS[i], **kw(i))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -132,9 +139,45 @@ def test_16_concurrent_streams_no_crosstalk(server):
         t.join(timeout=180)
     assert not errors, errors
     assert [results[i] for i in range(len(PROMPTS))] == single
-    assert len(set(single)) > 1  # distinct prompts, distinct outputs: a mix-up would show
     health = _http().get(server.url + "/health").json()
-    assert health["peak_active"] > max(1, peak0 // 2)  # requests were decoded together
+    assert health["peak_active"] > max(1, peak0)  # requests were decoded together
+
+
+def test_scheduler_joins_leaves_and_cancels_without_changing_outputs(tiny_run, tok):
+    """Requests join a running batch at different lengths, one is cancelled mid-way (its slot is
+    refilled by the last row), one stops on a stop string; the rest equal their solo outputs."""
+    from luca.engine import Completion
+    from luca.scheduler import open_backend
+    b = open_backend(str(tiny_run))
+    sch = b.scheduler("batch", max_batch=4)
+    stop_ids = {tok.eot_id, tok.im_end_id}
+    prompts = [tok.encode(p) for p in ["def fib_1(n):\n", "class Stack:\n    def push(self, item):\n",
+                                       "The", "Numbers such as 12, 345 and", "a, b = 0, 1\n"]]
+    sp = [SamplingConfig(max_new_tokens=40, temperature=0.9, seed=i, top_k=0) for i in range(len(prompts))]
+    solo = [complete(b.model, tok, p, s, stop_ids) for p, s in zip(prompts, sp)]
+    stop_text = solo[2].text[3:6]
+    sp[2].stop = [stop_text]
+    solo[2] = complete(b.model, tok, prompts[2], sp[2], stop_ids)
+    try:
+        first = sch.stream(prompts[0], sp[0], stop_ids)
+        it = iter(first)
+        got0 = [next(it) for _ in range(3)]  # row 0 is decoding when the others arrive
+        handles = [sch.stream(p, s, stop_ids) for p, s in zip(prompts[1:], sp[1:])]
+        victim = iter(handles[0])
+        next(victim)
+        handles[0].request.cancel()  # leaves while the others continue
+        got0 += list(it)
+        assert got0[-1].text == solo[0].text and "".join(got0[:-1]) == solo[0].text
+        for h, ref in zip(handles[1:], solo[2:]):
+            evs = list(h)
+            assert evs[-1].text == ref.text and evs[-1].completion_tokens == ref.completion_tokens
+            assert evs[-1].finish_reason == ref.finish_reason
+        assert solo[2].finish_reason == "stop" and stop_text not in solo[2].text
+        last = [ev for ev in victim if isinstance(ev, Completion)]
+        assert last and last[0].finish_reason == "cancelled"
+        assert sch.stats()["peak_active"] == 4  # max_batch: the fifth waited for a free slot
+    finally:
+        sch.close()
 
 
 def test_limits_answer_400_and_413(server):
@@ -233,12 +276,17 @@ def test_load_generate_chat_stream(tiny_run, tok):
 def test_run_task_modes_and_injection(tiny_run, tok):
     from luca.api import extract
     m = luca.load(tiny_run)
-    out = luca.run_task("Write a function.", "def fib_1(n):", model=m, mode="code", max_new_tokens=16)
-    raw = luca.run_task("Write a function.", "def fib_1(n):", model=m, mode="code", max_new_tokens=16, raw=True)
+    from luca.api import MODES, task_messages
+    kw = dict(mode="code", max_new_tokens=16, system="Code only.")  # the tiny model's context is 128
+    out = luca.run_task("Write a function.", "def fib_1(n):", model=m, **kw)
+    raw = luca.run_task("Write a function.", "def fib_1(n):", model=m, raw=True, **kw)
     assert out == extract("code", raw)
-    assert luca.run_task("Write a function.", "def fib_1(n):", model=str(tiny_run), mode="code",
-                         max_new_tokens=16) == out  # by path: the same greedy result
-    luca.run_task("Summarize.", INJECT, model=m, mode="short")
+    assert luca.run_task("Write a function.", "def fib_1(n):", model=str(tiny_run), **kw) == out  # by path
+    assert task_messages("Do it.", "data", "reason") == [{"role": "system", "content": MODES["reason"].system},
+                                                         {"role": "user", "content": "Do it.\n\ndata"}]
+    with pytest.raises(luca.errors.LucaError, match="context"):  # a long recipe on a tiny context: said plainly
+        luca.run_task("Write a function.", "x " * 100, model=m, mode="code")
+    luca.run_task("Summarize.", INJECT, model=m, mode="short", system="Be short.")
     assert m.last_prompt_ids.count(tok.im_start_id) == 3  # system, user, assistant: nothing forged
     assert not set(m.last_prompt_ids) - {tok.im_start_id, tok.im_end_id} & tok.special_ids
     # The recipes' post-processing.
@@ -253,7 +301,7 @@ def test_run_task_modes_and_injection(tiny_run, tok):
 def test_choose_is_deterministic_and_scores_are_loglikelihoods(tiny_run, tok):
     m = luca.load(tiny_run)
     q = "def fib_1(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""
-    opts = ["    a, b = 0, 1", "zebra quantum banana"]
+    opts = ["a, b = 0, 1", "zebra quantum banana"]
     c1 = luca.choose(q, opts, model=m, format="plain")
     c2 = luca.choose(q, opts, model=m, format="plain")
     assert c1 == c2 and c1.answer == opts[0] and str(c1) == opts[0]
@@ -313,3 +361,24 @@ def test_task_cli_as_a_decision_step(tiny_run, tmp_path):
                         env=env, timeout=120)
     assert r3.returncode == 0, r3.stderr
     assert json.loads(r3.stdout)["completion_tokens"] <= 5
+
+
+def test_llama_cpp_backend_plugs_in(tiny_run, tmp_path):
+    """`--backend llama.cpp`: the same server and API on the GGUF export, the same greedy text."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from luca.scheduler import open_backend
+    from luca.serve import Served, create_app
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("train_state", "gguf"))
+    native = luca.load(run).generate("def fib_1(n):\n", max_tokens=12, temperature=0)
+    served = Served(open_backend(str(run), "llama.cpp", gguf="f16"), "run")
+    assert served.scheduler.name == "queue" and served.context_length == 128
+    try:
+        with ServerThread(create_app(served)) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            r = c.completions.create(model="run", prompt="def fib_1(n):\n", max_tokens=12, temperature=0)
+            assert r.choices[0].text == native
+            assert _chat_text(c, "run", "hi", max_tokens=4, temperature=0) is not None
+    finally:
+        served.scheduler.close()

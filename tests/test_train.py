@@ -70,8 +70,8 @@ def test_resume_is_bitwise_equal(tmp_path):
     tc = dict(seq_len=64, micro_batch=4, batch_tokens=256, max_steps=20, lr=3e-3, warmup_steps=3,
               eval_every=10, eval_batches=2, save_every=10, log_every=5, seed=0)
     train(part, mc, build(TrainConfig, tc, "train"), tmp_path / "b" / "data", tok, resume=True, progress=False)
-    a = torch.load(full / "train_state" / "state.pt", weights_only=True)["model"]
-    b = torch.load(part / "train_state" / "state.pt", weights_only=True)["model"]
+    from luca.train import load_state
+    a, b = load_state(full)["model"], load_state(part)["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

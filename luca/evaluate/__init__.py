@@ -37,7 +37,8 @@ def evaluate_task(model, tok, name: str, file: str | Path | None = None, data_di
     data = load_task(name, Path(file) if file else None, data_dir, limit)
     pairs = [r for d in data.docs for r in d.requests]
     encoded = H.encode_pairs(tok, pairs)
-    scored = H.score_pairs(model, encoded, batch_tokens=batch_tokens, progress=progress, desc=name)
+    groups = [i for i, d in enumerate(data.docs) for _ in d.requests]  # an item's choices share a tree
+    scored = H.score_pairs(model, encoded, groups, batch_tokens=batch_tokens, progress=progress, desc=name)
     per_doc, i = [], 0
     for d in data.docs:
         k = len(d.requests)

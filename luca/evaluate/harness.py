@@ -24,16 +24,16 @@ What is notable:
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from luca.errors import LucaError
-from luca.model import Transformer, rope_cos_sin
+from luca.model import Transformer, apply_rope, rope_cos_sin
 from luca.tokenizer import Tokenizer
 
 
@@ -98,132 +98,195 @@ def encode_pairs(tok: Tokenizer, pairs: Sequence[tuple[str, str]],
     return out
 
 
-# -- packing ------------------------------------------------------------------------------------
+# -- prefix trees -------------------------------------------------------------------------------
 @dataclass
-class _Piece:
-    prefix: tuple[int, ...]
-    uids: list[int]
-    length: int
+class _Tree:
+    """Token paths merged on their shared prefixes, in depth-first order (one packed sequence).
+
+    Node i is at depth `depth[i]`; its subtree is nodes i .. end[i]-1, so node i attends to node j
+    exactly when j <= i < end[j] (j is i or an ancestor of i).
+    """
+    tokens: list[int]
+    depth: list[int]
+    end: list[int]
+    targets: list[tuple[int, int, int]]  # (node predicting it, target token, request uid)
 
 
-def _pack(pieces: list[_Piece], row_len: int) -> list[list[_Piece]]:
-    """Best-fit decreasing: each piece (longest first) goes to the fullest row it still fits in."""
-    rows: list[list[_Piece]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for p in sorted(pieces, key=lambda p: -p.length):
-        i = bisect_left(free, (p.length, -1))
-        if i < len(free):
-            room, r = free.pop(i)
-            rows[r].append(p)
-        else:
-            rows.append([p])
-            room, r = row_len, len(rows) - 1
-        if room - p.length > 0:
-            insort(free, (room - p.length, r))
-    return rows
+def _build_trees(paths: list[tuple[list[int], list[int], int]], cap: int) -> list[_Tree]:
+    """Trees of the requests (input path, continuation, uid) of one group, each at most `cap` nodes.
+
+    Paths are inserted in sorted order, so each shares with the one before it the longest prefix it
+    shares with any earlier one, and node creation order is already depth-first.
+    """
+    trees: list[_Tree] = []
+    tree, prev, prev_nodes, open_ = None, [], [], []
+    for path, cont, uid in sorted(paths):
+        lcp = 0
+        if tree is not None:
+            n = min(len(prev), len(path))
+            while lcp < n and prev[lcp] == path[lcp]:
+                lcp += 1
+            if len(tree.tokens) + len(path) - lcp > cap:
+                tree = None
+        if tree is None:
+            if trees and open_:
+                for i in open_:
+                    trees[-1].end[i] = len(trees[-1].tokens)
+            tree, lcp, prev_nodes, open_ = _Tree([], [], [], []), 0, [], []
+            trees.append(tree)
+        for i in open_[lcp:]:  # nodes left behind: their subtrees are complete
+            tree.end[i] = len(tree.tokens)
+        nodes = prev_nodes[:lcp]
+        for d in range(lcp, len(path)):
+            nodes.append(len(tree.tokens))
+            tree.tokens.append(path[d])
+            tree.depth.append(d)
+            tree.end.append(-1)
+        open_ = nodes
+        first = len(path) - len(cont)  # the node whose logits predict cont[0]
+        tree.targets.extend((nodes[first + j], t, uid) for j, t in enumerate(cont))
+        prev, prev_nodes = path, nodes
+    if trees:
+        for i in open_:
+            trees[-1].end[i] = len(trees[-1].tokens)
+    return trees
 
 
-def forward_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states with an explicit attention mask (B, 1, T, T); mirrors
-    `Transformer.hidden_states`, which only knows causal and same-document masks."""
+def _batches(trees: list[_Tree], batch_tokens: int) -> Iterator[tuple[int, list[list[_Tree]]]]:
+    """(row length, rows of trees): longest trees first, rows as long as the batch's first tree,
+    shorter trees first-fit into rows that still have room, so padding stays near zero."""
+    order = sorted(trees, key=lambda t: -len(t.tokens))
+    i = 0
+    while i < len(order):
+        T = len(order[i].tokens)
+        n_rows = max(1, batch_tokens // T)
+        rows: list[list[_Tree]] = []
+        room: list[int] = []
+        while i < len(order):
+            n = len(order[i].tokens)
+            r = next((k for k, left in enumerate(room) if left >= n), None)
+            if r is None:
+                if len(rows) == n_rows:
+                    break
+                rows.append([])
+                room.append(T)
+                r = len(rows) - 1
+            rows[r].append(order[i])
+            room[r] -= n
+            i += 1
+        yield T, rows
+
+
+def forward_selected(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     sel: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states at the flat positions `sel` (of B·T), given an attention mask
+    (B, 1, T, T). Mirrors `Transformer.hidden_states` (which knows only causal and same-document
+    masks), except that the last block runs its queries, MLP and norm on the selected positions
+    only: its keys and values are all the other positions need from it."""
     cfg = model.cfg
+    B, T = tokens.shape
     x = model.model.embed_tokens(tokens)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    for block in model.model.layers:
+    *blocks, last = model.model.layers
+    for block in blocks:
         x = block(x, cos, sin, mask)
-    return model.model.norm(x)
+    # The last block, queries at `sel` only, laid out (B, Q) per row (padded with each row's last pick).
+    row, col = sel // T, sel % T
+    counts = torch.bincount(row, minlength=B)
+    Q = int(counts.max())
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(sel), device=sel.device) - start[row]
+    qcol = torch.zeros(B, Q, dtype=torch.long, device=sel.device)
+    qcol[row, slot] = col
+    pad = torch.arange(Q, device=sel.device)[None, :] >= counts[:, None]
+    qcol = torch.where(pad, qcol.gather(1, (counts - 1).clamp(min=0)[:, None]).expand(B, Q), qcol)
+    a = last.self_attn
+    h = last.input_layernorm(x)
+    hq = h.gather(1, qcol[..., None].expand(B, Q, h.shape[-1]))
+    q = a.q_proj(hq).view(B, Q, cfg.n_heads, cfg.head_dim)
+    k = a.k_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = a.v_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = a.q_norm(q), a.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    qcos = cos.gather(1, qcol[..., None].expand(B, Q, cos.shape[-1]))
+    qsin = sin.gather(1, qcol[..., None].expand(B, Q, sin.shape[-1]))
+    q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)
+    qmask = mask.gather(2, qcol[:, None, :, None].expand(B, 1, Q, T))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=qmask, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+    xq = x.gather(1, qcol[..., None].expand(B, Q, x.shape[-1]))
+    xq = xq + a.o_proj(y.transpose(1, 2).reshape(B, Q, cfg.n_heads * cfg.head_dim))
+    xq = xq + last.mlp(last.post_attention_layernorm(xq))
+    return model.model.norm(xq[row, slot])
 
 
 @torch.inference_mode()
-def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], *,
-                max_len: int | None = None, row_len: int = 512, batch_tokens: int = 4096,
+def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]],
+                groups: Sequence | None = None, *, max_len: int | None = None, batch_tokens: int = 4096,
                 progress: bool = False, desc: str = "score") -> list[Scored]:
-    """Log-likelihood and greediness of each continuation given its context (token ids)."""
+    """Log-likelihood and greediness of each continuation given its context (token ids).
+
+    Requests with the same `groups` entry (e.g. the choices of one item) share one prefix tree;
+    without `groups`, requests with the same context do.
+    """
     L = max_len or model.cfg.max_seq_len
     device = next(model.parameters()).device
-    keys: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    req_uid = []
-    for ctx, cont in pairs:
+    keys: dict[tuple[tuple[int, ...], int], int] = {}
+    req_uid, uniq_group, uniq_req = [], [], []
+    for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise LucaError("a request has an empty context or continuation after tokenization")
         if len(cont) > L:
             raise LucaError(f"a continuation of {len(cont)} tokens exceeds the model's context ({L})")
         full = (list(ctx) + list(cont))[-(L + 1):]
-        key = (tuple(full[:len(full) - len(cont)]), tuple(cont))
-        req_uid.append(keys.setdefault(key, len(keys)))
-    uniq = list(keys)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for uid, (prefix, _) in enumerate(uniq):
-        groups.setdefault(prefix, []).append(uid)
-    longest = max((len(p) + len(c) - 1 for p, c in uniq), default=1)
-    row_len = max(row_len, longest)
-    pieces: list[_Piece] = []
-    for prefix, uids in groups.items():
-        cur, n = [], len(prefix)
-        for uid in uids:
-            extra = len(uniq[uid][1]) - 1
-            if cur and n + extra > row_len:
-                pieces.append(_Piece(prefix, cur, n))
-                cur, n = [], len(prefix)
-            cur.append(uid)
-            n += extra
-        pieces.append(_Piece(prefix, cur, n))
-    rows = sorted(_pack(pieces, row_len), key=lambda r: -sum(p.length for p in r))
+        key = (tuple(full), len(cont))
+        uid = keys.get(key)
+        if uid is None:
+            uid = keys[key] = len(uniq_req)
+            uniq_req.append((full[:-1], list(cont), uid))
+            uniq_group.append(groups[i] if groups is not None else key[0][:len(full) - len(cont)])
+        req_uid.append(uid)
+    by_group: dict = {}
+    for r, g in zip(uniq_req, uniq_group):
+        by_group.setdefault(g, []).append(r)
+    trees = [t for reqs in by_group.values() for t in _build_trees(reqs, L)]
 
-    ll = torch.zeros(len(uniq), dtype=torch.float32)
-    n_miss = torch.zeros(len(uniq), dtype=torch.int64)
-    total = sum(p.length for p in pieces)
-    with progress_bar(total, desc, "tok", progress) as advance:
-        i = 0
-        while i < len(rows):
-            T = sum(p.length for p in rows[i])
-            B = max(1, batch_tokens // T)
-            batch = rows[i:i + B]
-            i += B
-            _score_batch(model, batch, T, uniq, ll, n_miss, device)
-            advance(sum(p.length for r in batch for p in r))
+    ll = torch.zeros(len(uniq_req), dtype=torch.float32)
+    n_miss = torch.zeros(len(uniq_req), dtype=torch.int64)
+    with progress_bar(sum(len(t.tokens) for t in trees), desc, "tok", progress) as advance:
+        for T, rows in _batches(trees, batch_tokens):
+            _score_batch(model, rows, T, ll, n_miss, device)
+            advance(sum(len(t.tokens) for r in rows for t in r))
     return [Scored(float(ll[u]), bool(n_miss[u] == 0)) for u in req_uid]
 
 
-def _score_batch(model: Transformer, rows: list[list[_Piece]], T: int, uniq, ll: torch.Tensor,
+def _score_batch(model: Transformer, rows: list[list[_Tree]], T: int, ll: torch.Tensor,
                  n_miss: torch.Tensor, device) -> None:
     B = len(rows)
     toks = np.zeros((B, T), dtype=np.int64)
     pos = np.zeros((B, T), dtype=np.int64)
-    grp = np.tile(-1 - np.arange(T, dtype=np.int64), (B, 1))  # padding: a group of its own
-    seg = np.zeros((B, T), dtype=np.int64)
-    tgt_flat, tgt_ids, tgt_uid = [], [], []
-    gid = 0
+    end = np.tile(np.arange(1, T + 1, dtype=np.int64), (B, 1))  # padding sees itself only
+    tgt_node, tgt_ids, tgt_uid = [], [], []
     for r, row in enumerate(rows):
-        t = 0
-        for piece in row:
-            p = len(piece.prefix)
-            toks[r, t:t + p] = piece.prefix
-            pos[r, t:t + p] = np.arange(p)
-            grp[r, t:t + p] = gid
-            last = r * T + t + p - 1  # its logits predict every branch's first token
-            t += p
-            for k, uid in enumerate(piece.uids, 1):
-                cont = uniq[uid][1]
-                n = len(cont) - 1
-                toks[r, t:t + n] = cont[:-1]
-                pos[r, t:t + n] = np.arange(p, p + n)
-                grp[r, t:t + n] = gid
-                seg[r, t:t + n] = k
-                tgt_flat.append(last)
-                tgt_flat.extend(range(r * T + t, r * T + t + n))
-                tgt_ids.extend(cont)
-                tgt_uid.extend([uid] * (n + 1))
-                t += n
-            gid += 1
-    g, s = torch.from_numpy(grp), torch.from_numpy(seg)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (g[:, :, None] == g[:, None, :]) & causal & ((s[:, None, :] == 0) | (s[:, :, None] == s[:, None, :]))
-    h = forward_hidden(model, torch.from_numpy(toks).to(device), torch.from_numpy(pos).to(device),
-                       mask[:, None].to(device))
-    sel = h.reshape(B * T, -1)[torch.tensor(tgt_flat, device=device)]
-    lp = torch.log_softmax(model.lm_head(sel).float(), dim=-1).cpu()
+        off = 0
+        for tree in row:
+            n = len(tree.tokens)
+            toks[r, off:off + n] = tree.tokens
+            pos[r, off:off + n] = tree.depth
+            end[r, off:off + n] = np.asarray(tree.end) + off
+            base = r * T + off
+            for node, t, uid in tree.targets:
+                tgt_node.append(base + node)
+                tgt_ids.append(t)
+                tgt_uid.append(uid)
+            off += n
+    e = torch.from_numpy(end)
+    ar = torch.arange(T)
+    mask = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, :, None] < e[:, None, :])  # (B, T, T)
+    sel, inverse = torch.unique(torch.tensor(tgt_node), return_inverse=True)
+    h = forward_selected(model, torch.from_numpy(toks).to(device), torch.from_numpy(pos).to(device),
+                         mask[:, None].to(device), sel.to(device))
+    lp = torch.log_softmax(model.lm_head(h).float(), dim=-1).cpu()[inverse]
     tgt = torch.tensor(tgt_ids)
     tok_lp = lp.gather(1, tgt[:, None]).squeeze(1)
     miss = (lp.argmax(dim=-1) != tgt).long()

@@ -48,6 +48,11 @@ class LucaLM(LM):
               "bf16": torch.bfloat16}.get(str(dtype))
         if dt is None:
             raise LucaError(f"model_args dtype={dtype!r}: use float32 or bfloat16")
+        # lm-eval's command line passes --device (default "cuda") to every model; like its hf backend,
+        # fall back to the CPU when that device is not there.
+        device = str(device or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"
         self.run_dir = str(run)
         self.model = rundir.load_model(run, device=device, dtype=dt)
         self.tok = rundir.load_tokenizer(run)
@@ -65,15 +70,17 @@ class LucaLM(LM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tok.hf_config()["chat_template"] if chat_template else None
 
-    def _score(self, pairs, disable_tqdm: bool):
+    def _score(self, pairs, groups, disable_tqdm: bool):
         from luca.evaluate.harness import score_pairs
-        return score_pairs(self.model, pairs, max_len=self.max_length, batch_tokens=self.batch_tokens,
+        return score_pairs(self.model, pairs, groups, max_len=self.max_length, batch_tokens=self.batch_tokens,
                            progress=not disable_tqdm, desc="luca loglikelihood")
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         from luca.evaluate.harness import encode_pairs
         args = [tuple(r.args[:2]) for r in requests]
-        scored = self._score(encode_pairs(self.tok, args, self.prefix_token_id), disable_tqdm)
+        # The requests of one document (its choices) share a prefix tree.
+        groups = [(getattr(r, "task_name", None), getattr(r, "doc_id", i)) for i, r in enumerate(requests)]
+        scored = self._score(encode_pairs(self.tok, args, self.prefix_token_id), groups, disable_tqdm)
         out = []
         for a, s in zip(args, scored):
             out.append((s.ll, s.greedy))
@@ -89,7 +96,7 @@ class LucaLM(LM):
                 pairs.append(make_disjoint_window(w))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, s in zip(owner, self._score(pairs, disable_tqdm) if pairs else []):
+        for i, s in zip(owner, self._score(pairs, list(range(len(pairs))), disable_tqdm) if pairs else []):
             totals[i] += s.ll
         for r, t in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (r.args[0],), t)

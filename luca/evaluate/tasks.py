@@ -79,6 +79,8 @@ def iter_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise LucaError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise LucaError(f"{p}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(obj, dict):
                     raise LucaError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 yield lineno, obj

@@ -221,6 +221,10 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
     if out.resolve() == base:
         raise LucaError(f"{out}: the output directory must differ from the base")
     specs = list(data) if data else list(cfg.data)
+    if not specs:
+        raise LucaError("finetune data: no sources given (--data SPEC ...)")
+    for spec in specs:  # a typo fails now, before any model is loaded
+        CD.parse_chat_source(spec)
     cfg = dataclasses.replace(cfg, data=specs)
     say = _sayer(progress)
     device = pick_device(cfg.device)
@@ -266,23 +270,23 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
         return epoch_rows[e]
 
     n_rows0 = len(epoch(0)[1])
-    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_rows0 / rows_per_step))
+    # By epochs, the last step may be short; with max_steps, epochs follow one another as needed.
+    limit = None if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_rows0))
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(limit / rows_per_step)
 
-    def step_rows(step: int):
-        """(examples, rows) of each micro-batch of optimizer step `step`, walking epochs in order."""
-        g = step * rows_per_step
-        e = 0
+    def step_rows(step: int) -> list[list[tuple[list, list[int]]]]:
+        """Micro-batches of (epoch's examples, row) for optimizer step `step`, walking the epochs."""
+        g, e = step * rows_per_step, 0
+        want = rows_per_step if limit is None else min(rows_per_step, limit - g)
         while g >= len(epoch(e)[1]):
             g -= len(epoch(e)[1])
             e += 1
-        ex, rows = epoch(e)
-        taken = rows[g:g + rows_per_step]
-        if len(taken) < rows_per_step:  # the step spans two epochs
-            ex2, rows2 = epoch(e + 1)
-            part1 = [(ex, r) for r in taken] + [(ex2, r) for r in rows2[:rows_per_step - len(taken)]]
-        else:
-            part1 = [(ex, r) for r in taken]
-        return [part1[i:i + cfg.micro_batch] for i in range(0, len(part1), cfg.micro_batch)]
+        taken: list[tuple[list, list[int]]] = []
+        while len(taken) < want:
+            ex, rows = epoch(e)
+            taken += [(ex, r) for r in rows[g:g + want - len(taken)]]
+            e, g = e + 1, 0
+        return [taken[i:i + cfg.micro_batch] for i in range(0, len(taken), cfg.micro_batch)]
 
     val_rows = CD.pack(chat.val, seq_len, cfg.pack)[:cfg.eval_rows]
     pad = tok.eot_id
@@ -291,11 +295,14 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
     val_before = chat_val_loss(model, chat.val, val_rows, cfg.micro_batch, pad, device, autocast) if val_rows else None
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / rundir.METRICS).unlink(missing_ok=True)
+    # A merged model from an earlier fine-tune here would no longer match the new adapter.
+    for f in (rundir.METRICS, rundir.REPORT, rundir.WEIGHTS, rundir.WEIGHTS_INDEX, rundir.CONFIG, rundir.GENERATION):
+        (out / f).unlink(missing_ok=True)
     bar = _Progress(progress, steps)
     t0 = time.perf_counter()
     t_log, tok_log, tokens, targets = t0, 0, 0, 0
     first_loss = last_loss = val_loss = float("nan")
+    skipped = 0
     model.train()
     try:
         for step in range(steps):
@@ -314,6 +321,9 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
             if bool(torch.isfinite(gnorm)):
                 opt.step()
+            else:
+                skipped += 1
+                say(f"step {step + 1}: non-finite gradient; step skipped")
             opt.zero_grad(set_to_none=True)
             tokens += sum(b.n_tokens for b in batches)
             targets += n_tgt
@@ -351,7 +361,8 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
     _save_tokenizer(out, tok)
     base_toml = rundir.read_luca_toml(base)
     record = {k: v for k, v in base_toml.items() if k not in ("finetune", "base")}
-    record.update(name=out.name, base=str(base), finetune={**dataclasses.asdict(cfg), "seq_len": seq_len})
+    record.update(name=out.name, base=str(base), trained_on=device.type,
+                  finetune={**dataclasses.asdict(cfg), "seq_len": seq_len})
     rundir.write_luca_toml(out, record)
     summary = {
         "run_dir": str(out), "base": str(base), "method": "qlora" if cfg.qlora else "lora",
@@ -366,7 +377,7 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
         "packing_efficiency": round(sum(len(ids) - 1 for ids, _ in epoch(0)[0]) / (n_rows0 * seq_len), 4)
         if cfg.pack else None,
         "data": chat.stats, **{f"data_{k}": v for k, v in totals.items()},
-        "device": str(device), "merged": None,
+        "skipped_steps": skipped, "device": str(device), "merged": None,
     }
     rundir.write_json(out / rundir.FINETUNE_SUMMARY, summary)
     _write_report(out, summary, cfg, spec)
@@ -393,9 +404,11 @@ def merge(run_dir: str | Path, out: str | Path | None = None, progress: bool = F
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     if not (run_dir / rundir.ADAPTER_CONFIG).is_file():
-        raise LucaError(f"{run_dir}: no {rundir.ADAPTER_CONFIG}; not a fine-tune run")
+        raise LucaError(f"{run_dir}: no {rundir.ADAPTER_CONFIG}; not a fine-tune run directory")
     t0 = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # NF4 is re-quantised where it can be fastest
+    # QLoRA's NF4 base is re-quantised on the kind of device that trained it (the same kernels).
+    trained_on = rundir.read_luca_toml(run_dir).get("trained_on", "cpu")
+    device = "cuda" if trained_on == "cuda" and torch.cuda.is_available() else "cpu"
     model, tok = load_finetuned(run_dir, device=device, dtype=torch.float32)
     merge_lora(model)
     model.to("cpu")
@@ -406,6 +419,7 @@ def merge(run_dir: str | Path, out: str | Path | None = None, progress: bool = F
         rundir.write_luca_toml(out, {**toml, "name": out.name})
         for f in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS, rundir.FINETUNE_SUMMARY):
             if (run_dir / f).is_file():  # the merged model keeps a record of what made it
+                (out / f).parent.mkdir(parents=True, exist_ok=True)
                 (out / f).write_bytes((run_dir / f).read_bytes())
     rundir.update_report_section(out, "Merge", f"Adapter merged into the base in float32 and written as BF16 "
                                                f"`{rundir.WEIGHTS}` ({time.perf_counter() - t0:.1f} s).\n")

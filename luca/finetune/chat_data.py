@@ -123,8 +123,9 @@ def read_examples(cs: ChatSource) -> Iterator[Example]:
     else:
         import glob as globlib
         files = sorted(Path(p) for p in globlib.glob(src.location, recursive=True) if os.path.isfile(p))
+        files = [p for p in files if p.suffix.lower() in D.STRUCTURED_EXTS or not D._is_binary(p)]
         if not files:
-            raise LucaError(f"{src.spec}: glob matches nothing")
+            raise LucaError(f"{src.spec}: glob matches no text or record files")
     for p in files:
         ext = p.suffix.lower()
         if ext in (".jsonl", ".json"):
@@ -153,6 +154,8 @@ def _json_records(path: Path, src: D.Source) -> Iterator[tuple[str, object]]:
             records = json.loads(D._decode(path.read_bytes(), path, src).lstrip("\ufeff"))
         except json.JSONDecodeError as e:
             raise LucaError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise LucaError(f"{path}: JSON nested too deeply") from None
         for i, rec in enumerate(records):
             yield f"{path}[{i}]", rec
         return
@@ -165,6 +168,8 @@ def _json_records(path: Path, src: D.Source) -> Iterator[tuple[str, object]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise LucaError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise LucaError(f"{path}:{lineno}: JSON nested too deeply") from None
         yield f"{path}:{lineno}", rec
 
 
@@ -179,7 +184,14 @@ def _parquet_records(path: Path, src: D.Source) -> Iterator[tuple[str, object]]:
     except (pa.ArrowException, OSError) as e:
         raise LucaError(f"{path}: not a readable Parquet file ({e})") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:  # a damaged page shows only when it is read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise LucaError(f"{path}: row {row} on: not a readable Parquet file ({e})") from None
+        if batch is None:
+            return
         for rec in batch.to_pylist():
             yield f"{path}:{row}", rec
             row += 1
@@ -274,7 +286,7 @@ def convert(rec: object, fmt: str, origin: str, text_field: str = "text") -> Ite
             raise LucaError(f"{origin}: no list field 'conversations' (fields: {', '.join(rec)})")
         msgs = []
         if isinstance(rec.get("system"), str) and rec["system"]:
-            msgs.append(("system", rec["system"]))
+            msgs.append(("system", _tidy(rec["system"])))
         for i, m in enumerate(turns):
             if not isinstance(m, dict) or "from" not in m or "value" not in m:
                 raise LucaError(f"{origin}: turn {i} needs 'from' and 'value'")
@@ -345,6 +357,10 @@ def with_default_system(messages: list[tuple[str, str]], tok: Tokenizer) -> list
 
 def encode_examples(tok: Tokenizer, examples: list[Example]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids int32, is_target bool) per example; targets are assistant content + its <|im_end|>."""
+    if tok.im_start_id is None or tok.im_end_id is None:
+        if any(ex.messages is not None for ex in examples):
+            raise LucaError("the base's tokenizer has no ChatML markers (<|im_start|>, <|im_end|>): chat data "
+                            "needs them (plain text, format=text, still works)")
     segments: list[str] = []  # plain-text pieces, tokenized in one parallel call
     plans = []
     for ex in examples:

@@ -149,7 +149,8 @@ class LoraLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         h = self.lora_dropout(x).to(dt)
-        return y + F.linear(F.linear(h, self.lora_A.to(dt)), self.lora_B.to(dt)) * self.scaling
+        # The scale is folded into B (r columns) rather than applied to the (tokens × out) update.
+        return y + F.linear(F.linear(h, self.lora_A.to(dt)), (self.lora_B * self.scaling).to(dt))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -94,6 +94,7 @@ async function send(text) {
     temperature: num("temperature", parseFloat), top_p: num("top_p", parseFloat), top_k: num("top_k", (x) => parseInt(x, 10)),
     max_tokens: num("max_tokens", (x) => parseInt(x, 10)), repetition_penalty: num("repetition_penalty", parseFloat),
     seed: num("seed", (x) => parseInt(x, 10)),
+    clamp_max_tokens: true,  // "max tokens" is a cap: a long conversation gets what the context leaves
   };
   state.abort = new AbortController();
   const t0 = performance.now();
