@@ -155,7 +155,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     from luca.train import BadSteps, TrainConfig, build, train_step
     dd = init_distributed(device)
     cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world, lr=6e-4,
-                      compile=settings.get("compile", True) and "mode" not in settings,
+                      compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
                       loss_impl=settings.get("loss_impl", "auto"))
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     if "mode" in settings:
@@ -265,7 +265,8 @@ def _worker(args: list[str], timeout: float, env: dict | None = None) -> dict:
     if r.returncode != 0 or not lines:
         tail = (r.stderr or "")[-3000:]
         log(tail)
-        return {"error": (tail.strip().splitlines() or ["exit %d" % r.returncode])[-1][:200]}
+        errs = [ln for ln in tail.splitlines() if "Error" in ln or "error" in ln] or tail.strip().splitlines()
+        return {"error": (errs or ["exit %d" % r.returncode])[-1][:200]}
     return json.loads(lines[-1][len("RESULT "):])
 
 

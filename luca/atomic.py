@@ -27,6 +27,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.filename is None:  # a failed write (disk full) names no file: name the one being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -22,8 +22,9 @@ What is notable:
   a standard Llama / Qwen (or GPT-2) model; the heads live only in `train_state/` checkpoints, so
   a resumed run continues bitwise.
 - The wrapper calls the trunk's own forward for the LM loss and reads its tap (block `layer`'s
-  output, or the final norm's for mtp) with a forward hook: no copy of model.py's forward, and it
-  works on luca's Transformer and on the GPT-2 baseline alike.
+  output; for mtp the last block's, through the trunk's final norm) with a forward hook: no copy of
+  model.py's forward; it works on luca's Transformer and on the GPT-2 baseline alike, eager or
+  under torch.compile.
 - `build_model(model_cfg, aux)` is what training builds: luca's Transformer or the GPT-2 baseline
   (`model.family`), wrapped when an auxiliary objective is asked for.
 """
@@ -105,15 +106,15 @@ class AuxiliaryObjective(nn.Module):
             self.down = nn.Linear(d, aux.dim, bias=False)
             self.heads = nn.ModuleList(nn.Linear(aux.dim, d, bias=False) for _ in range(aux.ahead))
             self.offsets = list(range(1, aux.ahead + 1))
-            tap = blocks_of(trunk)[self.layer - 1]
         else:
-            self.layer = cfg.n_layers
+            self.layer = cfg.n_layers  # the last block's output, then the trunk's own final norm
             self.down = None
             self.heads = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(aux.ahead))
             self.offsets = list(range(2, aux.ahead + 2))
-            tap = final_norm_of(trunk)  # the final hidden states
         self._taps: list[torch.Tensor] = []
-        tap.register_forward_hook(self._tap)
+        # A hook on a block (luca's own module): torch.compile runs it, as it does not for a hook on a
+        # built-in nn.LayerNorm (GPT-2's final norm).
+        blocks_of(trunk)[self.layer - 1].register_forward_hook(self._tap)
         self.norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(aux.ahead))
         self.last_aux: torch.Tensor | None = None
         self._reset_heads(None)
@@ -180,7 +181,8 @@ class AuxiliaryObjective(nn.Module):
             return self.trunk(tokens, targets, reduction=reduction, **kw)
         self._taps = []
         main = self.trunk(tokens, targets, reduction=reduction)
-        src = self._taps[0] if self.down is None else self.down(self._taps[0])
+        tap = self._taps[0]
+        src = final_norm_of(self.trunk)(tap) if self.down is None else self.down(tap)
         self._taps = []
         w = self.trunk.lm_head.weight.detach()
         T = targets.shape[1]

@@ -198,7 +198,8 @@ def _gen_args(p):
     p.add_argument("--backend", choices=["native", "llama.cpp"], default="native")
     p.add_argument("--gguf", default=None, metavar="TYPE",
                    help="llama.cpp: q4_k_m, q8_0, f16, ... (exported on demand; default: an existing one, else q4_k_m)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="native: weight dtype")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="native: weight dtype (auto: fp32 for small models, else bf16)")
     p.add_argument("--int8", action="store_true", help="native: int8 weight-only quantization")
     _sampling_args(p)
 
@@ -247,7 +248,7 @@ def _eval_args(p):
     p.add_argument("--bpb", nargs="+", default=[], metavar="FILE", help="bits per byte of these UTF-8 text files")
     p.add_argument("--bpb-stride", type=int, help="sliding-window stride in tokens (default: half the context)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass")
     p.add_argument("--bootstrap-iters", type=int, default=100_000, help="resamples for the perplexity stderr")
 
 
@@ -608,7 +609,7 @@ def cmd_compare(a, extra):
         return
     from luca.compare_report import verdict
     for p in r["summary"]["pairs"]:
-        con.print(verdict(p))
+        con.print(verdict(p).replace("**", ""), markup=False)
     out = Path(r["out"])
     con.print(f"{out / 'comparison.md'}\n{out / 'comparison.json'}\n{out / 'validation_curves.png'}")
 

@@ -198,8 +198,15 @@ def run_arm(arm: Arm, seed: int, run_dir: Path, prev: dict | None, *, progress: 
         cfg["train"]["seed"] = seed
         cfg["data_dir"] = str(arm.data_dir)
         D.tokenize(arm.data_dir, arm.tok, progress=False)  # a no-op unless another tokenizer wrote its shards
+        # torch.compile may reuse code traced for an earlier run's model of the same class without the
+        # auxiliary objective's forward hook (not guarded on): start compiled aux runs from a clean cache.
+        fresh = cfg["train"]["compile"] and arm.aux.kind != "none"
+        if fresh:
+            torch._dynamo.reset()
         s = train(run_dir, arm.model_cfg, C.build(TrainConfig, cfg["train"], "train"), arm.data_dir, arm.tok,
                   resume=resume, progress=progress, full_config=cfg, aux=arm.aux)
+        if fresh:
+            torch._dynamo.reset()
         metrics = rundir.read_metrics(run_dir)
         evals = [r for r in metrics if "val_bpb" in r]
         rec = {"config": arm.label, "seed": seed, "status": "done", "key": key, "run_dir": str(run_dir),

@@ -125,7 +125,7 @@ def parse_source(spec: str) -> Source:
                 raise LookupError
             kw["encoding"] = info.name
         except (LookupError, UnicodeError):
-            raise LucaError(f"{spec}: unknown text encoding {opts['encoding']!r}") from None
+            raise LucaError(f"{spec}: unknown encoding {opts['encoding']!r} (a text encoding such as utf-8)") from None
     if "errors" in opts:
         if opts["errors"] not in ("strict", "replace"):
             raise LucaError(f"{spec}: errors must be 'strict' or 'replace', not {opts['errors']!r}")

@@ -69,7 +69,7 @@ def wrap(model: nn.Module, dd: Dist, device: torch.device, fsdp: bool, compile_:
     if dd.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True, broadcast_buffers=False)  # buffers: constant RoPE tables
     return torch.compile(model) if compile_ else model
 
 

@@ -13,7 +13,9 @@ What is notable:
 """
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -34,9 +36,18 @@ def _llama_cpp():
 
 def gguf_context_length(path: str | Path) -> int:
     import gguf
-    r = gguf.GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents()
-    return int(r.fields[f"{arch}.context_length"].contents())
+    try:
+        r = gguf.GGUFReader(str(path))
+        arch = r.fields["general.architecture"].contents()
+        return int(r.fields[f"{arch}.context_length"].contents())
+    except (ValueError, KeyError, OSError) as e:
+        raise LucaError(f"{path}: not a readable GGUF model file ({e})") from None
+
+
+def _close(ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.close()
 
 
 class LlamaCppEngine:
@@ -51,13 +62,33 @@ class LlamaCppEngine:
         if n_ctx is None:  # the model's context, capped: the KV cache is allocated up front
             n_ctx = min(gguf_context_length(self.path), 4096)
         n_threads = n_threads or os.cpu_count() or 1
-        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                                   n_ubatch=min(n_batch, n_ctx), n_threads=n_threads, n_threads_batch=n_threads,
-                                   logits_all=logits_all, use_mmap=use_mmap, verbose=verbose)
+        if not verbose:  # llama-cpp-python's log callback: errors only, also while loading
+            from llama_cpp._logger import set_verbose
+            set_verbose(False)
+        from luca.export import _quiet_stderr
+        with _quiet_stderr() as log:  # llama.cpp's C-side chatter; shown only if loading fails
+            try:
+                self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
+                                           n_ubatch=min(n_batch, n_ctx), n_threads=n_threads,
+                                           n_threads_batch=n_threads, logits_all=logits_all, use_mmap=use_mmap,
+                                           verbose=verbose)
+            except ValueError as e:
+                err = e
+            else:
+                err = None
+        tail = log.read_text(errors="replace")[-2000:]
+        log.unlink(missing_ok=True)
+        if err is not None:
+            raise LucaError(f"{self.path}: llama.cpp cannot load it ({err}):\n{tail}")
         self._lib = llama_cpp
         self.n_vocab = self.llm.n_vocab()
         self.n_ctx = self.llm.n_ctx()
         self.logits_all = logits_all
+        # Free the model before interpreter teardown (llama-cpp-python's __del__ fails late).
+        atexit.register(_close, weakref.ref(self.llm))
+
+    def close(self) -> None:
+        self.llm.close()
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """llama.cpp's own tokenization (no BOS added)."""

@@ -234,6 +234,8 @@ def write_gguf(run_dir: str | Path, path: str | Path, qtype: str = "f16") -> Non
             if t.dim() == 1 or qtype == "f32":
                 w.add_tensor(name, t.float().numpy())
             elif qtype == "f16":
+                if t.abs().max().item() > 65504:
+                    raise LucaError(f"export: {name} has values beyond float16's range; export bf16 instead")
                 w.add_tensor(name, t.to(torch.float16).numpy())
             elif qtype == "bf16":
                 w.add_tensor(name, t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),

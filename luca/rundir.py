@@ -242,6 +242,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope()  # its tables were built on the meta device
     return model.to(device).eval()
 
 

@@ -214,7 +214,12 @@ def load_state(run_dir: Path) -> dict | None:
     p = d / name
     if not p.is_file() or _sha256(p) != digest:
         raise LucaError(f"{p}: checkpoint does not match its checksum in {meta_p}; it is damaged")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:  # weights_only: tensors and plain containers, never objects (nothing is executed)
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler refuses, the file is not ours
+        raise LucaError(f"{p}: not a luca checkpoint ({str(e).strip().splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise LucaError(f"{p}: not a luca checkpoint")
     state["meta"] = meta
     return state
 

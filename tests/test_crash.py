@@ -25,7 +25,6 @@ import random
 import resource
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -171,9 +170,7 @@ def _cli(argv: list[str], stderr_path: str, fsize_limit: int | None) -> None:
 
 def _run(forks, target, *args, timeout: float = 120, kill_after: float | None = None) -> int:
     p = forks.Process(target=target, args=args)
-    t0 = time.perf_counter()
     p.start()
-    print(f"[{target.__name__} started in {time.perf_counter() - t0:.2f} s]", end=" ")
     p.join(kill_after if kill_after is not None else timeout)
     if p.is_alive() and kill_after is not None:
         p.kill()  # SIGKILL
@@ -182,7 +179,6 @@ def _run(forks, target, *args, timeout: float = 120, kill_after: float | None = 
         p.kill()
         p.join()
         pytest.fail(f"{target.__name__} hung for {timeout} s")
-    print(f"[done in {time.perf_counter() - t0:.2f} s: {p.exitcode}]")
     return p.exitcode
 
 
@@ -296,7 +292,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
     # A cap so low that even the small files of a resume fail: still one clear line.
     code = _run(forks, _cli, _train_cli(prepared, run, "--resume", "--train.max_steps", "8"), str(err), 200)
     assert code == 2, err.read_text()
-    _one_error(err)
+    print("\n" + msg + "\n" + _one_error(err))
     assert load_state(run)["step"] == 6
 
 
@@ -363,6 +359,7 @@ def test_nan_steps_are_skipped_counted_and_stop_training_after_k(tmp_path, prepa
     skipped = [recs[i]["bad_steps"] - (recs[i - 1]["bad_steps"] if i else 0) for i in range(len(recs))]
     assert skipped[4:] == [int(p) for p in pattern]  # detected at once, at exactly those steps
     assert recs[-1]["bad_steps"] == sum(pattern)
+    print(f"\nNaN row for byte {token}: steps 5-{TC['max_steps']} bad as predicted: {[int(p) for p in pattern]}")
     assert json.loads((run / "train_summary.json").read_text())["bad_steps"] == sum(pattern)
     assert load_state(run)["meta"]["bad_steps"] == sum(pattern)
     final = load_state(run)["model"]

@@ -141,6 +141,20 @@ def test_score_pairs_equals_direct_computation(loaded):
         _check_direct(model, pairs, H.score_pairs(model, pairs, groups, max_len=L, batch_tokens=bt), L)
 
 
+def test_score_pairs_other_family(loaded):
+    """luca.baseline's GPT-2 has no tree attention: each request is its own packed document."""
+    from luca.baseline import GPT2
+    from luca.model import ModelConfig
+    _, tok = loaded
+    torch.manual_seed(0)
+    gpt2 = GPT2(ModelConfig(family="gpt2", vocab_size=320, n_layers=2, d_model=32, n_heads=4, n_kv_heads=4,
+                            max_seq_len=16, tie_embeddings=True)).eval()
+    ctx = tok.encode("def fib(n):\n    a, b = 0, 1")
+    pairs = [(ctx, tok.encode(" return a")), (ctx, tok.encode(" pass")), (ctx, tok.encode(" pass")),
+             (ctx[:2], tok.encode(" x"))]
+    _check_direct(gpt2, pairs, H.score_pairs(gpt2, pairs, [0, 0, 0, 1], batch_tokens=40), 16)
+
+
 def _check_direct(model, pairs, got, L):
     for (c, x), s in zip(pairs, got):
         ll, greedy = _direct_ll(model, c, x, L)
@@ -262,7 +276,7 @@ def test_bpb_sliding_window(loaded):
     assert scored == list(range(1, n + 1)) and all(first - 1 - b >= 12 for b, e, first in w[1:])
     r2 = bits_per_byte(model, tok, text, max_len=16, stride=4)
     assert r2["curve"][0]["positions"] == [0, 0] and r2["curve"][-1]["positions"][1] == 15
-    assert sum(c["tokens"] for c in r2["curve"]) == n
+    assert sum(c["tokens"] for c in r2["curve"]) == sum(e - b for b, e, _ in w)  # every prediction of every window
 
 
 # -- records and the command line ---------------------------------------------------------------
@@ -294,8 +308,9 @@ def test_eval_cli_writes_results_and_report(run_copy, tmp_path, capsys):
 
 def test_luca_evaluate_is_callable(run_copy):
     import luca
-    r = luca.evaluate(run_copy, "arc_challenge", FIX, write=False, progress=False)
-    assert r["tasks"]["arc_challenge"]["n"] == 2 and not (run_copy / "results.json").exists()
+    r = luca.evaluate(run_copy, data_dir=FIX, limit=2, write=False, progress=False, bootstrap_iters=100)
+    assert set(r["tasks"]) == set(TASKS) and not (run_copy / "results.json").exists()  # all six by default
+    assert r["tasks"]["arc_challenge"]["n"] == 2 and r["tasks"]["hellaswag"]["requests"] == 8
 
 
 def _err(argv, capsys) -> str:
@@ -389,3 +404,16 @@ def test_lm_eval_adapter_on_local_task(tiny_run, loaded, tmp_path):
     [gen] = lm.generate_until([Req("def ", {"until": ["\n"], "max_gen_toks": 8})], disable_tqdm=True)
     assert isinstance(gen, str) and "\n" not in gen
 
+
+
+def test_luca_lm_eval_command(tiny_run, tmp_path, capsys):
+    """The documented way to run lm-eval's own command line with --model luca."""
+    pytest.importorskip("lm_eval")
+    spec = importlib.util.spec_from_file_location("eval_parity", Path(__file__).parents[1] / "benchmarks/eval_parity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.write_tasks(tmp_path, {"arc_easy": FILES["arc_easy"]})
+    assert main(["lm-eval", "--model", "luca", "--model_args", f"path={tiny_run}", "--tasks", "parity_arc_easy",
+                 "--include_path", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "parity_arc_easy" in out and "acc_norm" in out

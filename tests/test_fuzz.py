@@ -216,9 +216,10 @@ def _parquet(corrupt: str) -> bytes:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", [*NASTY, "parquet_page", "parquet_cut", "parquet_footer"])
-def test_known_nasty_files(scratch, tokenizers, name):
-    """Each reader on each classic bad file: a result or one clear error."""
+def test_known_nasty_files(scratch, tokenizers, capsys, name):
+    """Each reader on each classic bad file: a result or one clear error (exit code 2 from the CLI)."""
     from luca import data as D
+    from luca.cli import main
     data = NASTY[name] if name in NASTY else _parquet(name.split("_")[1])
     exts = [".parquet"] if name.startswith("parquet") else [".jsonl", ".json", ".txt"]
     chat = pytest.importorskip("luca.finetune.chat_data")
@@ -228,6 +229,10 @@ def test_known_nasty_files(scratch, tokenizers, name):
         p = d / f"valid{ext}"
         p.write_bytes(data)
         outcome(D.collect, D.DataConfig(sources=[str(p)]), d / "out", progress=False)
+        capsys.readouterr()
+        code = main(["data", str(p), "--out", str(d / "cli"), "--tokenizer", "byte"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert (code, len(err)) in ((0, 0), (2, 1)), (code, err)
         outcome(chat.load_chat_data, [str(p)], tokenizers[0], 64)
         for task in tasks.TASKS:
             outcome(tasks.load_task, task, p)
@@ -287,6 +292,24 @@ def test_chat_template_renders_or_says_why(tokenizers, messages, gen):
             assert ids.count(tok.im_start_id) == n_turns + gen
 
 
+@pytest.mark.timeout(60)
+@fuzz(150)
+@given(temperature=st.floats(0, 2), top_p=st.floats(0, 1, exclude_min=True), top_k=st.integers(0, 70),
+       penalty=st.one_of(st.floats(min_value=0, exclude_min=True, allow_infinity=False),
+                         st.sampled_from([5e-324, 1e-300, 1.0, 1e300, 1.7e308])),
+       logits=st.lists(st.one_of(st.floats(-1e4, 1e4), st.just(0.0)), min_size=64, max_size=64),
+       prev=st.lists(st.integers(0, 63), max_size=8), seed=st.integers(0, 2**64 - 1))
+def test_sampling_any_valid_setting_gives_a_token(temperature, top_p, top_k, penalty, logits, prev, seed):
+    """What the server passes on from a request: every valid setting samples an id, never NaN."""
+    import torch
+
+    from luca.engine import SamplingConfig, sample_next
+    s = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty, seed=seed)
+    x = torch.tensor([logits])
+    ids = sample_next(x, torch.tensor([prev]) if prev else None, s, torch.Generator().manual_seed(seed))
+    assert ids.shape == (1,) and 0 <= int(ids[0]) < 64
+
+
 # -- eval readers -------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
 @fuzz(200)
@@ -303,6 +326,23 @@ def test_eval_readers(scratch, task, body, labels, limit):
         lab.write_bytes(labels if isinstance(labels, bytes) else labels.encode())
     outcome(tasks.load_task, task, p, limit=limit)
     outcome(tasks.load_task, task, None, data_dir=d)
+    from luca.evaluate.bpb import read_text
+    outcome(read_text, p)
+
+
+@pytest.mark.timeout(60)
+@fuzz(100)
+@given(results=st.one_of(JSON_VALUES, st.fixed_dictionaries({"schema": st.just("luca.results"), "schema_version": st.integers(0, 3)},
+                                                            optional={"tasks": JSON_VALUES, "model": JSON_VALUES,
+                                                                      "results": JSON_VALUES})).map(json.dumps).map(str.encode)
+       | FILE_BYTES)
+def test_eval_results_files(scratch, results):
+    """results.json of a run directory, damaged or forged: `luca results`/compare read it or say why."""
+    report = pytest.importorskip("luca.evaluate.report")
+    d = scratch()
+    (d / "results.json").write_bytes(results)
+    outcome(report.load_results, d)
+    outcome(report.compare, [d, d])
 
 
 # -- chat-data readers (fine-tuning) ------------------------------------------------------------

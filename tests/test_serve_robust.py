@@ -68,7 +68,7 @@ def api_schema(server):
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
-FUZZ_CASES = 40  # per operation and mode
+FUZZ_CASES = 60  # per operation and mode
 TRIED: Counter = Counter()  # requests sent by the fuzzer, by operation and status class
 
 

@@ -9,8 +9,10 @@ What is notable:
   tokens start every `stride` tokens and each scores only the tokens the previous one did not, so
   every token after the first window sees at least `max_len - stride` tokens of context. A text
   that fits in one window is scored in one pass (identical to full-context scoring).
-- The curve buckets scored tokens by their position in the window (0, 1, 2-3, 4-7, ...) and gives
-  BPB per bucket (bits over the bytes of the tokens in it): how much longer contexts help.
+- The curve buckets every prediction of every window by its position in the window (0, 1, 2-3,
+  4-7, ...) and gives BPB per bucket (bits over the bytes of the tokens predicted there): how much
+  a longer context helps. With overlapping windows a token is counted once in the total but may
+  appear in several buckets of the curve.
 - Windows of equal length are batched; the loss is the model's fused chunked cross-entropy.
 """
 from __future__ import annotations
@@ -97,16 +99,14 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, text: str, *, max_len: int
                 x = torch.from_numpy(np.stack([seq[b:e] for b, e, _ in chunk])).to(device)
                 y = torch.from_numpy(np.stack([seq[b + 1:e + 1] for b, e, _ in chunk])).to(device)
                 nats = model(x, y, reduction="none").float().cpu().numpy()  # (B, T)
+                bk = _bucket(np.arange(T))
                 for row, (b, e, first) in enumerate(chunk):
-                    j0 = first - 1 - b  # offset in the window of the first scored target
-                    bits = nats[row, j0:] / math.log(2)
-                    pos = np.arange(j0, T)
-                    bk = _bucket(pos)
-                    tb = tok_bytes[seq[b + 1 + j0:e + 1]]
+                    bits = nats[row] / math.log(2)
+                    total_bits += float(bits[first - 1 - b:].sum())  # each token once, in its first window
+                    # The curve takes every position of every window: loss as a function of context.
                     np.add.at(bits_b, bk, bits)
-                    np.add.at(bytes_b, bk, tb)
+                    np.add.at(bytes_b, bk, tok_bytes[seq[b + 1:e + 1]])
                     np.add.at(toks_b, bk, 1)
-                    total_bits += float(bits.sum())
                 advance(sum(e - b for b, e, _ in chunk))
     curve = []
     for k in range(n_buckets):
@@ -120,7 +120,8 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, text: str, *, max_len: int
             "curve": curve}
 
 
-def bpb_file(model: Transformer, tok: Tokenizer, path: str | Path, **kw) -> dict:
+def bpb_file(model: Transformer, tok: Tokenizer, path: str | Path, text: str | None = None, **kw) -> dict:
+    """BPB of a UTF-8 file (its `text`, when already read), with the file's path and checksum."""
     p = Path(path)
-    r = bits_per_byte(model, tok, read_text(p), desc=f"bpb {p.name}", **kw)
+    r = bits_per_byte(model, tok, read_text(p) if text is None else text, desc=f"bpb {p.name}", **kw)
     return {"path": str(p.resolve()), "sha256": sha256_file(p), **r}

@@ -7,14 +7,17 @@ What is notable:
   (lm-eval's `prefix_token_id`: BOS, else EOS, which for luca's tokenizer is `<|im_end|>`).
   Inputs longer than the model's context are cut from the left exactly as `HFLM` cuts them
   (`(context + continuation)[-(max_len + 1):][:-1]`).
-- Identical requests are scored once. Requests that share their (truncated) context are scored
-  as a tree: one copy of the context, then each continuation, with an attention mask that lets a
-  continuation see the context and itself only and RoPE positions that restart per branch. So a
-  HellaSwag item costs one context plus four endings, not four contexts: the context's keys and
-  values are computed once and reused by every branch, inside one forward pass.
-- Trees are packed into rows (best-fit decreasing by length, several items per row) and rows of
-  similar length are batched, so almost no position is padding; the LM head and log-softmax run
-  only on the positions whose next token is scored.
+- Identical requests are scored once. The requests of one item (its choices) are merged into a
+  prefix tree of tokens: every shared prefix (HellaSwag's and ARC's context, the words before
+  WinoGrande's blank, common first tokens of the choices) is one set of positions, laid out in
+  depth-first order; a position attends to itself and its ancestors only (node j is an ancestor
+  of node i exactly when j <= i < end[j], one comparison per pair) and its RoPE position is its
+  depth. So a HellaSwag item costs one context plus four endings, not four contexts: the
+  context's keys and values are computed once and reused by every branch, in one forward pass.
+- Trees are batched longest first, each batch's rows as long as its first tree, shorter trees
+  first-fit into rows with room: sorted lengths leave almost no padding, and attention (a dense
+  masked matrix on the CPU) stays as short as the trees. The last block runs its queries and MLP,
+  and the LM head and log-softmax run, only at positions whose next token is scored.
 - `acc`/`acc_norm`/perplexity and their standard errors follow lm-eval's `process_results` and
   aggregations: argmax of the summed log-likelihood (first maximum wins), the same divided by the
   choice's character length, `exp(-mean(ll))`, the sample standard error of the mean, and for
@@ -47,10 +50,11 @@ class Scored:
 @contextmanager
 def progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Iterator:
     """A rich progress bar (rate and ETA) on stderr; yields `advance(n)`."""
-    if not enabled or total <= 0:
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not enabled or total <= 0 or not console.is_terminal:
         yield lambda n: None
         return
-    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -60,7 +64,7 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Iterator:
             return Text(f"{task.speed or 0:,.0f} {unit}/s")
 
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(desc, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -222,7 +226,7 @@ def forward_selected(model: Transformer, tokens: torch.Tensor, positions: torch.
 
 @torch.inference_mode()
 def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]],
-                groups: Sequence | None = None, *, max_len: int | None = None, batch_tokens: int = 4096,
+                groups: Sequence | None = None, *, max_len: int | None = None, batch_tokens: int = 8192,
                 progress: bool = False, desc: str = "score") -> list[Scored]:
     """Log-likelihood and greediness of each continuation given its context (token ids).
 
@@ -246,10 +250,13 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]]
             uniq_req.append((full[:-1], list(cont), uid))
             uniq_group.append(groups[i] if groups is not None else key[0][:len(full) - len(cont)])
         req_uid.append(uid)
-    by_group: dict = {}
-    for r, g in zip(uniq_req, uniq_group):
-        by_group.setdefault(g, []).append(r)
-    trees = [t for reqs in by_group.values() for t in _build_trees(reqs, L)]
+    if isinstance(model, Transformer):
+        by_group: dict = {}
+        for r, g in zip(uniq_req, uniq_group):
+            by_group.setdefault(g, []).append(r)
+        trees = [t for reqs in by_group.values() for t in _build_trees(reqs, L)]
+    else:  # another family (luca.baseline's GPT-2): one chain per request, packed as documents
+        trees = [_build_trees([r], L)[0] for r in uniq_req]
 
     ll = torch.zeros(len(uniq_req), dtype=torch.float32)
     n_miss = torch.zeros(len(uniq_req), dtype=torch.int64)
@@ -280,12 +287,16 @@ def _score_batch(model: Transformer, rows: list[list[_Tree]], T: int, ll: torch.
                 tgt_ids.append(t)
                 tgt_uid.append(uid)
             off += n
-    e = torch.from_numpy(end)
-    ar = torch.arange(T)
-    mask = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, :, None] < e[:, None, :])  # (B, T, T)
     sel, inverse = torch.unique(torch.tensor(tgt_node), return_inverse=True)
-    h = forward_selected(model, torch.from_numpy(toks).to(device), torch.from_numpy(pos).to(device),
-                         mask[:, None].to(device), sel.to(device))
+    tokens, positions = torch.from_numpy(toks).to(device), torch.from_numpy(pos).to(device)
+    if isinstance(model, Transformer):
+        e = torch.from_numpy(end)
+        ar = torch.arange(T)
+        mask = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, :, None] < e[:, None, :])  # (B, T, T)
+        h = forward_selected(model, tokens, positions, mask[:, None].to(device), sel.to(device))
+    else:  # chains only: each tree is a document of the packed row (its own causal attention)
+        doc = torch.from_numpy(_doc_ids(end)).to(device)
+        h = model.hidden_states(tokens, positions, doc).reshape(B * T, -1)[sel.to(device)]
     lp = torch.log_softmax(model.lm_head(h).float(), dim=-1).cpu()[inverse]
     tgt = torch.tensor(tgt_ids)
     tok_lp = lp.gather(1, tgt[:, None]).squeeze(1)
@@ -293,6 +304,15 @@ def _score_batch(model: Transformer, rows: list[list[_Tree]], T: int, ll: torch.
     uid = torch.tensor(tgt_uid)
     ll.index_add_(0, uid, tok_lp)
     n_miss.index_add_(0, uid, miss)
+
+
+def _doc_ids(end: np.ndarray) -> np.ndarray:
+    """A document id per position of rows of chains: a new one wherever a chain (or padding) starts."""
+    B, T = end.shape
+    starts = np.ones((B, T), dtype=bool)
+    # In a chain, position t+1 continues position t exactly when t's subtree reaches past t+1.
+    starts[:, 1:] = end[:, :-1] <= np.arange(1, T)[None, :]
+    return np.cumsum(starts, axis=1)
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class LucaLM(LM):
     """A luca run directory (or any HF Llama/Qwen2/Qwen3 directory luca loads) as an lm-eval LM."""
 
     def __init__(self, path: str | None = None, pretrained: str | None = None, dtype: str = "float32",
-                 device: str = "cpu", batch_tokens: int | str = 4096, max_length: int | str | None = None,
+                 device: str = "cpu", batch_tokens: int | str = 8192, max_length: int | str | None = None,
                  batch_size=None, max_batch_size=None, **_ignored) -> None:
         super().__init__()
         import torch

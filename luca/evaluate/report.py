@@ -20,6 +20,7 @@ SCHEMA = "luca.results"
 SCHEMA_VERSION = 1
 HEADLINE = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
             "winogrande": "acc", "lambada_openai": "acc"}
+CHANCE = {"hellaswag": 0.25, "piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "winogrande": 0.5}  # ARC: ~4 choices
 
 
 def weights_fingerprint(run_dir: Path) -> str:
@@ -110,11 +111,31 @@ def load_results(run_dir: str | Path) -> dict:
     if not p.is_file():
         raise LucaError(f"{p}: no results (run `luca eval {run_dir} ...` first)")
     r = rundir.read_json(p)
-    if r.get("schema") != SCHEMA or not isinstance(r.get("schema_version"), int):
+    if not isinstance(r, dict) or r.get("schema") != SCHEMA or not isinstance(r.get("schema_version"), int):
         raise LucaError(f"{p}: not a luca results file (no schema {SCHEMA!r})")
     if r["schema_version"] > SCHEMA_VERSION:
         raise LucaError(f"{p}: schema version {r['schema_version']} is newer than this luca reads ({SCHEMA_VERSION})")
+    if not _well_formed(r):
+        raise LucaError(f"{p}: damaged (model, tasks or bpb entries are missing or of the wrong type)")
     return r
+
+
+def _well_formed(r: dict) -> bool:
+    """The fields that tables and reports read, with their types: a damaged file is an error, not a crash."""
+    def num(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    try:
+        m = r["model"]
+        ok = isinstance(m["parameters"], int) and (m.get("tokens_seen") is None or isinstance(m["tokens_seen"], int))
+        for t in r.get("tasks", {}).values():
+            ok = ok and isinstance(t["n"], int) and all(
+                (v["value"] is None or num(v["value"])) and (v["stderr"] is None or num(v["stderr"]))
+                for v in t["metrics"].values())
+        for b in r.get("bpb", {}).values():
+            ok = ok and num(b["bpb"]) and isinstance(b["bytes"], int)
+        return bool(ok)
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def compare(run_dirs: list[str | Path], png: str | Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -176,6 +197,12 @@ def _plot(runs, names: list[str], png: Path) -> None:
                 ys.append(v[0])
                 es.append(v[1] or 0.0)
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=name)
+    labelled = False
+    for i, t in enumerate(tasks):
+        if t in CHANCE:
+            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="grey", linestyles="dashed", linewidth=1,
+                      label=None if labelled else "chance")
+            labelled = True
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t}\n({HEADLINE.get(t, 'acc')})" for t in tasks], fontsize=8)
     ax.set_ylabel("accuracy")

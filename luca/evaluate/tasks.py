@@ -50,6 +50,7 @@ class TaskData:
     task: Task
     docs: list[Doc]
     files: list[dict]  # {"path", "sha256"} of every file read
+    limit: int | None = None
 
 
 # -- file helpers -------------------------------------------------------------------------------
@@ -327,4 +328,4 @@ def load_task(name: str, file: Path | None = None, data_dir: str | Path | None =
         files.append({"path": str(labels.resolve()), "sha256": sha256_file(labels)})
     if limit is not None:
         docs = docs[:limit]
-    return TaskData(task, docs, files)
+    return TaskData(task, docs, files, limit)
