@@ -17,9 +17,10 @@ embedding once, as the output projection) plus 12·L·d·T for attention scores 
 and backward, without a causal discount: the PaLM / nanoGPT convention), over the measured ceiling.
 
 Modes: `python benchmarks/bench_train.py [--data DIR]` (the table);
-`python benchmarks/bench_train.py --scaling` (on a machine with ≥ 2 GPUs: one GPU, then all of
-them through torchrun + DDP, and the scaling efficiency); `--variant NAME` and `--dist` are the
-worker modes those use.
+`python benchmarks/bench_train.py --scaling [--no-optimize-ddp]` (on a machine with ≥ 2 GPUs: one
+GPU, then all of them through torchrun + DDP, and the scaling efficiency); `--variant NAME` and
+`--dist` are the worker modes those use. `BENCH_SMOKE=1` runs a tiny shape on the CPU to check the
+plumbing (it measures nothing).
 """
 from __future__ import annotations
 
@@ -120,8 +121,9 @@ def profile_breakdown(step, n: int = 3) -> dict:
         for i in range(n):
             step(i)
         sync()
-    kinds = {"matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma", "mm_"),
-             "attention": ("flash", "fmha", "attention", "cudnn"), "optimizer": ("adam", "multi_tensor"),
+    kinds = {"attention": ("flash", "fmha", "attention", "sdpa"),
+             "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma", "mm_"),
+             "optimizer": ("adam", "multi_tensor"),
              "triton (fused elementwise / reductions)": ("triton",)}
     totals = {k: 0.0 for k in kinds} | {"other": 0.0}
     top = []
@@ -241,6 +243,8 @@ def _sdpa_context(kind):
 def run_dist(accums: list[int], warmup: int, reps: int, per_rep: int) -> list[dict]:
     """Under torchrun (or alone): luca's step with DDP; tokens/s over all ranks."""
     device = _device()
+    if os.environ.get("BENCH_NO_OPTIMIZE_DDP"):  # one compiled graph instead of one per DDP bucket
+        torch._dynamo.config.optimize_ddp = False
     step, n, dd = luca_step_fn({}, device, max(accums))
     out = []
     for accum in accums:  # one model: the compiled graphs serve every accumulation count
@@ -375,7 +379,11 @@ def main() -> None:
     p.add_argument("--dist", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scaling", action="store_true", help="1 GPU vs all GPUs of the machine (DDP)")
     p.add_argument("--accums", default="1,4", help="micro-batches per rank per step, for --scaling")
+    p.add_argument("--no-optimize-ddp", action="store_true",
+                   help="--scaling: compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
     a = p.parse_args()
+    if a.no_optimize_ddp:
+        os.environ["BENCH_NO_OPTIMIZE_DDP"] = "1"
     if DEV == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
     if a.variant:

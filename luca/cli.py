@@ -211,6 +211,7 @@ def cmd_generate(a, extra):
     from luca.engine import Completion, NativeEngine, stream
     _split_overrides(extra)
     s = sampling_from(a)
+    rundir.require_run_dir(a.run_dir)
     tok = rundir.load_tokenizer(a.run_dir)
     if a.backend == "llama.cpp":
         from luca import engine_llamacpp
@@ -459,7 +460,7 @@ def _persona_args(p):
     p.add_argument("--clear", action="store_true", help="remove the stored persona")
 
 
-@command("persona", "show or store a run's default system prompt (used by chat, serve and run_task)")
+@command("persona", "show or store a run's default system prompt (used by chat, serve and plain-mode tasks)")
 @args(_persona_args)
 def cmd_persona(a, extra):
     from luca.api import get_persona, set_persona

@@ -60,7 +60,9 @@ def wrap(model: nn.Module, dd: Dist, device: torch.device, fsdp: bool, compile_:
     """The module the training loop calls: plain, DDP or FSDP2, compiled or not."""
     if fsdp and dd.world > 1:
         from torch.distributed.fsdp import fully_shard
-        for block in model.model.layers:
+
+        from luca.auxiliary import blocks_of  # luca's blocks or the GPT-2 baseline's, under any aux wrapper
+        for block in blocks_of(getattr(model, "trunk", model)):
             if compile_:
                 block.compile()
             fully_shard(block)

@@ -168,7 +168,7 @@ class NativeEngine:
     """A `Transformer` repacked for decoding (see the module docstring)."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype | str | None = None, quant: str | None = None,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, consume: bool = False):
         if quant not in (None, "int8"):
             raise ValueError(f"quant must be None or 'int8', got {quant!r}")
         p0 = next(model.parameters())
@@ -184,7 +184,8 @@ class NativeEngine:
         cfg = self.cfg
         with torch.inference_mode():
             self.layers = []
-            for blk in model.model.layers:
+            for i in range(len(model.model.layers)):
+                blk = model.model.layers[i]
                 a, m = blk.self_attn, blk.mlp
                 L = _Layer()
                 L.ln1 = blk.input_layernorm.weight.to(dtype)
@@ -206,6 +207,9 @@ class NativeEngine:
                 L.o = _Linear(a.o_proj.weight, None, dtype, int8)
                 L.down = _Linear(m.down_proj.weight, None, dtype, int8)
                 self.layers.append(L)
+                if consume:  # drop the unpacked block now: peak memory is the model + one layer
+                    model.model.layers[i] = torch.nn.Identity()
+                    del blk, a, m
             self.norm = model.model.norm.weight.to(dtype)
             self.embed = _Linear(model.model.embed_tokens.weight, None, dtype, int8)
             self.lm_head = self.embed if cfg.tie_embeddings else _Linear(model.lm_head.weight, None, dtype, int8)
@@ -232,10 +236,8 @@ class NativeEngine:
                 cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff)
             dtype = "fp32" if 4 * n <= FUSE_MAX_BYTES and quant is None else "bf16"
         dt = parse_dtype(dtype)
-        model = rundir.load_model(run_dir, device=device, dtype=torch.float32 if quant else dt)
-        eng = cls(model, dtype=dt, quant=quant, fuse=True)
-        del model
-        return eng
+        model = rundir.load_model(run_dir, device=device, dtype=dt)
+        return cls(model, dtype=dt, quant=quant, fuse=True, consume=True)
 
     def nbytes(self) -> int:
         n = self.embed.nbytes() + (0 if self.lm_head is self.embed else self.lm_head.nbytes())

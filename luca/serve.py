@@ -88,6 +88,9 @@ def _schemas():
     class ChatRequest(Sampling):
         messages: list[Message] = Field(..., min_length=1)
         max_completion_tokens: int | None = Field(None, ge=0)
+        truncate_history: bool = Field(False, description="extension: drop the oldest turns (never the system "
+                                                           "prompt or the last message) until a reply fits; the "
+                                                           "count is in the X-Luca-Dropped-Messages header")
 
     return CompletionRequest, ChatRequest
 
@@ -141,6 +144,21 @@ class Served:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    def fit_chat(self, msgs: list[dict], req) -> tuple[list[int], int]:
+        """Ids of the chat; with `truncate_history`, the oldest turns dropped until a reply has room."""
+        ids = self.tok.encode_chat(msgs, add_generation_prompt=True)
+        if not req.truncate_history:
+            return ids, 0
+        asked = req.max_completion_tokens or req.max_tokens or 1
+        need = max(1, min(asked, self.context_length // 4))
+        head = 1 if msgs and msgs[0]["role"] == "system" else 0
+        dropped = 0
+        while len(ids) + need > self.context_length and len(msgs) - head > 1:
+            msgs = msgs[:head] + msgs[head + 1:]
+            dropped += 1
+            ids = self.tok.encode_chat(msgs, add_generation_prompt=True)
+        return ids, dropped
+
     def check_capacity(self) -> None:
         if self.scheduler.stats()["waiting"] >= MAX_WAITING:
             raise APIError(503, f"server busy: {MAX_WAITING} requests are already waiting; retry later",
@@ -151,19 +169,31 @@ class Served:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
                            "model", "model_not_found")
 
-    async def events(self, ids: list[int], s: SamplingConfig, request) -> AsyncIterator[str | Completion]:
-        """The request's events; cancels generation when the consumer stops or the client leaves."""
-        loop = asyncio.get_running_loop()
+    async def events(self, ids: list[int], s: SamplingConfig, request,
+                     poll: bool = True) -> AsyncIterator[str | Completion]:
+        """The request's events; cancels generation when the consumer stops or the client leaves.
+
+        `poll=False` for streaming responses: Starlette already cancels those on a disconnect.
+        """
         q: asyncio.Queue = asyncio.Queue()
-        r = self.scheduler.submit(ids, s, self.stop_ids, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        mailbox = _mailbox(asyncio.get_running_loop())
+        r = self.scheduler.submit(ids, s, self.stop_ids, lambda ev: mailbox.post(q, ev))
+        checked = time.monotonic()
         try:
             while True:
+                ev = None
                 try:
                     ev = await asyncio.wait_for(q.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    pass
+                # Tokens may keep coming while nobody listens (a non-streaming client that gave
+                # up): look at the connection at least twice a second either way.
+                if ev is None or (poll and time.monotonic() - checked > 0.5):
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    continue
+                    if ev is None:
+                        continue
                 if isinstance(ev, BaseException):
                     raise ev
                 yield ev
@@ -171,6 +201,40 @@ class Served:
                     return
         finally:
             r.cancel()  # a no-op once finished; otherwise the row leaves the batch at the next step
+
+
+class _Mailbox:
+    """Events from the scheduler thread to one event loop, one wake-up per burst.
+
+    A decode step emits a piece for every active row; waking the loop once per step instead of
+    once per row saves a self-pipe write and a loop iteration per row.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def post(self, q: asyncio.Queue, ev: Any) -> None:
+        with self.lock:
+            self.items.append((q, ev))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for q, ev in items:
+            q.put_nowait(ev)
+
+
+_MAILBOXES: dict[int, _Mailbox] = {}
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    mb = _MAILBOXES.get(id(loop))
+    if mb is None or mb.loop is not loop:
+        mb = _MAILBOXES[id(loop)] = _Mailbox(loop)
+    return mb
 
 
 def _usage(c: Completion) -> dict:
@@ -267,7 +331,7 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
 
             async def gen():
                 try:
-                    async for ev in served.events(ids, s, request):
+                    async for ev in served.events(ids, s, request, poll=False):
                         if isinstance(ev, Completion):
                             yield _sse({**base, "choices": [choice("", ev.finish_reason)]})
                             if usage_wanted:
@@ -290,10 +354,11 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                 for m in body.messages]
         try:
-            ids = served.tok.encode_chat(msgs, add_generation_prompt=True)
+            ids, dropped = served.fit_chat(msgs, body)
         except ValueError as e:  # a foreign tokenizer without ChatML markers
             raise APIError(400, f"this model cannot chat: {e}; use /v1/completions") from None
         s = served.sampling(body, len(ids), None)
+        headers = {"Cache-Control": "no-cache", "X-Luca-Dropped-Messages": str(dropped)}
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.model_id}
 
@@ -306,7 +371,7 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
             async def gen():
                 try:
                     yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                    async for ev in served.events(ids, s, request):
+                    async for ev in served.events(ids, s, request, poll=False):
                         if isinstance(ev, Completion):
                             yield _sse(chunk({}, ev.finish_reason))
                             if usage_wanted:
@@ -316,13 +381,13 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = MAX_B
                     yield "data: [DONE]\n\n"
                 except Exception as e:
                     yield _sse(_error_body(str(e), "server_error"))
-            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
 
         c = await _collect(served, ids, s, request)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": None, "finish_reason": c.finish_reason}],
-                "usage": _usage(c)}
+        return JSONResponse({**base, "object": "chat.completion",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                          "logprobs": None, "finish_reason": c.finish_reason}],
+                             "usage": _usage(c)}, headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -141,6 +141,19 @@ def test_score_pairs_equals_direct_computation(loaded):
         _check_direct(model, pairs, H.score_pairs(model, pairs, groups, max_len=L, batch_tokens=bt), L)
 
 
+def test_long_continuation_in_pieces(loaded):
+    model, tok = loaded
+    L, ctx = 16, tok.encode("x = 1\n")
+    cont = tok.encode(" y = [a + b for a, b in zip(first, second) if a > b]")
+    assert len(cont) > L
+    [got] = H.score_pairs(model, [(ctx, cont)], max_len=L)
+    want, greedy = 0.0, True
+    for s in range(0, len(cont), L // 2):  # pieces of half the context, each after the tokens before it
+        ll, g = _direct_ll(model, ctx + cont[:s], cont[s:s + L // 2], L)
+        want, greedy = want + ll, greedy and g
+    assert got.ll == pytest.approx(want, abs=1e-4) and got.greedy == greedy
+
+
 def test_score_pairs_other_family(loaded):
     """luca.baseline's GPT-2 has no tree attention: each request is its own packed document."""
     from luca.baseline import GPT2

@@ -150,3 +150,24 @@ def test_cli_export_and_llama_cpp_generate(tiny_run, tmp_path, llama_cpp, capsys
     # a missing type is exported on demand
     assert main(["generate", str(run), "--backend", "llama.cpp", "--gguf", "q8_0", *args]) == 0
     assert gguf_path(run, "q8_0").is_file()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_imported_hf_checkpoint_exports_and_runs(tmp_path, llama_cpp, arch):
+    """A foreign checkpoint: Llama-3-style tokenizer (eos <|end_of_text|>, no ChatML), untied head;
+    Qwen3 with head_dim 24 ≠ d_model / n_heads (key_length carries it)."""
+    pytest.importorskip("transformers")
+    from test_import import make_hf_model
+    from luca.engine_llamacpp import LlamaCppEngine
+    hf = make_hf_model(tmp_path / "hf", arch, tied=False)
+    res = export_gguf(hf, ["f16"], progress=False)  # an HF directory directly
+    tok = rundir.load_tokenizer(hf)
+    eng = LlamaCppEngine(res[0]["path"])
+    f = gguf.GGUFReader(res[0]["path"]).fields
+    eos = rundir.read_json(hf / "tokenizer_config.json")["eos_token"]  # the checkpoint's own eos
+    assert f["tokenizer.ggml.eos_token_id"].contents() == tok.tok.token_to_id(eos)
+    ids = tok.encode("héllo, wörld 12")
+    assert eng.tokenize("héllo, wörld 12") == ids
+    ours = NativeEngine(rundir.load_model(hf))
+    want, got = ours.logits([ids]), eng.logits([ids])
+    assert (got - want).abs().max().item() <= 0.02 * max(1.0, want.abs().max().item())

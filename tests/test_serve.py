@@ -207,6 +207,24 @@ def test_limits_answer_400_and_413(server):
     assert r.status_code == 413
 
 
+def test_page_extensions_clamp_and_truncate_history(server, tok):
+    """What the web page sends: max_tokens as a cap, and the oldest turns dropped to fit."""
+    http, mid, ctx = _http(), server.served.model_id, server.served.context_length
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i} " * 4}, {"role": "assistant", "content": "answer " * 6}]
+    msgs.append({"role": "user", "content": "last one"})
+    assert len(tok.encode_chat(msgs, add_generation_prompt=True)) > ctx
+    body = {"model": mid, "messages": msgs, "max_tokens": 500, "temperature": 0}
+    assert http.post(server.url + "/v1/chat/completions", json=body).status_code == 400
+    r = http.post(server.url + "/v1/chat/completions", json={**body, "clamp_max_tokens": True, "truncate_history": True})
+    assert r.status_code == 200, r.text
+    dropped = int(r.headers["x-luca-dropped-messages"])
+    kept = msgs[:1] + msgs[1 + dropped:]
+    assert dropped > 0 and r.json()["usage"]["prompt_tokens"] == len(tok.encode_chat(kept, add_generation_prompt=True))
+    assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= ctx
+
+
 def test_special_tokens_are_plain_text_in_server(server, tok):
     c, mid = server.client, server.served.model_id
     msgs = [{"role": "user", "content": INJECT}]

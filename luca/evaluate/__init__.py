@@ -39,15 +39,16 @@ def evaluate_task(model, tok, name: str, file: str | Path | None = None, data_di
 
 
 def score_task(model, tok, data, *, batch_tokens: int = 8192, bootstrap_iters: int = 100_000,
-               progress: bool = False, details: bool = False, t0: float | None = None) -> dict:
+               progress: bool = False, details: bool = False, max_len: int | None = None,
+               t0: float | None = None) -> dict:
     """Score a loaded task (`tasks.TaskData`). `details` adds "details": per request (context,
-    continuation, log-likelihood, is_greedy)."""
+    continuation, log-likelihood, is_greedy). `max_len`: the context (default: the model's)."""
     from luca.evaluate import harness as H
     t0 = time.perf_counter() if t0 is None else t0
     pairs = [r for d in data.docs for r in d.requests]
     encoded = H.encode_pairs(tok, pairs)
     groups = [i for i, d in enumerate(data.docs) for _ in d.requests]  # an item's choices share a tree
-    scored = H.score_pairs(model, encoded, groups, batch_tokens=batch_tokens, progress=progress,
+    scored = H.score_pairs(model, encoded, groups, max_len=max_len, batch_tokens=batch_tokens, progress=progress,
                            desc=data.task.name)
     per_doc, i = [], 0
     for d in data.docs:

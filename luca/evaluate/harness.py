@@ -6,7 +6,9 @@ What is notable:
   follows the context's own token count; an empty context is replaced by the prefix token
   (lm-eval's `prefix_token_id`: BOS, else EOS, which for luca's tokenizer is `<|im_end|>`).
   Inputs longer than the model's context are cut from the left exactly as `HFLM` cuts them
-  (`(context + continuation)[-(max_len + 1):][:-1]`).
+  (`(context + continuation)[-(max_len + 1):][:-1]`). A continuation longer than the context
+  itself (a few PIQA solutions for a 256-token model), where `HFLM` stops on an assertion, is
+  scored in pieces of half the context, each conditioned on the tokens just before it.
 - Identical requests are scored once. The requests of one item (its choices) are merged into a
   prefix tree of tokens: every shared prefix (HellaSwag's and ARC's context, the words before
   WinoGrande's blank, common first tokens of the choices) is one set of positions, laid out in
@@ -236,20 +238,24 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]]
     L = max_len or model.cfg.max_seq_len
     device = next(model.parameters()).device
     keys: dict[tuple[tuple[int, ...], int], int] = {}
-    req_uid, uniq_group, uniq_req = [], [], []
+    req_uid, uniq_group, uniq_req, owner = [], [], [], []
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise LucaError("a request has an empty context or continuation after tokenization")
-        if len(cont) > L:
-            raise LucaError(f"a continuation of {len(cont)} tokens exceeds the model's context ({L})")
-        full = (list(ctx) + list(cont))[-(L + 1):]
-        key = (tuple(full), len(cont))
-        uid = keys.get(key)
-        if uid is None:
-            uid = keys[key] = len(uniq_req)
-            uniq_req.append((full[:-1], list(cont), uid))
-            uniq_group.append(groups[i] if groups is not None else key[0][:len(full) - len(cont)])
-        req_uid.append(uid)
+        pieces = [(ctx, cont)]
+        if len(cont) > L:  # lm-eval's hf backend asserts here; score it in pieces (see the docstring)
+            step, whole = max(1, L // 2), list(ctx) + list(cont)
+            pieces = [(whole[:len(ctx) + s], list(cont[s:s + step])) for s in range(0, len(cont), step)]
+        for ctx, cont in pieces:
+            owner.append(i)
+            full = (list(ctx) + list(cont))[-(L + 1):]
+            key = (tuple(full), len(cont))
+            uid = keys.get(key)
+            if uid is None:
+                uid = keys[key] = len(uniq_req)
+                uniq_req.append((full[:-1], list(cont), uid))
+                uniq_group.append(groups[i] if groups is not None else key[0][:len(full) - len(cont)])
+            req_uid.append(uid)
     if isinstance(model, Transformer):
         by_group: dict = {}
         for r, g in zip(uniq_req, uniq_group):
@@ -264,7 +270,12 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]]
         for T, rows in _batches(trees, batch_tokens):
             _score_batch(model, rows, T, ll, n_miss, device)
             advance(sum(len(t.tokens) for r in rows for t in r))
-    return [Scored(float(ll[u]), bool(n_miss[u] == 0)) for u in req_uid]
+    out_ll = torch.zeros(len(pairs), dtype=torch.float32)  # pieces of a long continuation add up
+    out_miss = torch.zeros(len(pairs), dtype=torch.int64)
+    idx = torch.tensor(req_uid, dtype=torch.long)
+    out_ll.index_add_(0, torch.tensor(owner), ll[idx])
+    out_miss.index_add_(0, torch.tensor(owner), n_miss[idx])
+    return [Scored(float(out_ll[i]), bool(out_miss[i] == 0)) for i in range(len(pairs))]
 
 
 def _score_batch(model: Transformer, rows: list[list[_Tree]], T: int, ll: torch.Tensor,
@@ -297,10 +308,10 @@ def _score_batch(model: Transformer, rows: list[list[_Tree]], T: int, ll: torch.
     else:  # chains only: each tree is a document of the packed row (its own causal attention)
         doc = torch.from_numpy(_doc_ids(end)).to(device)
         h = model.hidden_states(tokens, positions, doc).reshape(B * T, -1)[sel.to(device)]
-    lp = torch.log_softmax(model.lm_head(h).float(), dim=-1).cpu()[inverse]
+    lp = torch.log_softmax(model.lm_head(h).float(), dim=-1).cpu()  # one row per distinct position
     tgt = torch.tensor(tgt_ids)
-    tok_lp = lp.gather(1, tgt[:, None]).squeeze(1)
-    miss = (lp.argmax(dim=-1) != tgt).long()
+    tok_lp = lp[inverse, tgt]
+    miss = (lp.argmax(dim=-1)[inverse] != tgt).long()
     uid = torch.tensor(tgt_uid)
     ll.index_add_(0, uid, tok_lp)
     n_miss.index_add_(0, uid, miss)

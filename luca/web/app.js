@@ -95,6 +95,7 @@ async function send(text) {
     max_tokens: num("max_tokens", (x) => parseInt(x, 10)), repetition_penalty: num("repetition_penalty", parseFloat),
     seed: num("seed", (x) => parseInt(x, 10)),
     clamp_max_tokens: true,  // "max tokens" is a cap: a long conversation gets what the context leaves
+    truncate_history: true,  // and the oldest turns are left out once it no longer fits
   };
   state.abort = new AbortController();
   const t0 = performance.now();
@@ -117,6 +118,7 @@ async function send(text) {
       try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
       throw new Error(msg);
     }
+    const dropped = parseInt(r.headers.get("X-Luca-Dropped-Messages") || "0", 10);
     const reader = r.body.getReader();
     const dec = new TextDecoder();
     let buf = "";
@@ -148,6 +150,7 @@ async function send(text) {
     }
     state.messages.push({ role: "assistant", content: text_ });
     show(true);
+    if (dropped > 0) $("stats").textContent += ` · ${dropped} oldest message${dropped > 1 ? "s" : ""} left out to fit the context`;
   } catch (e) {
     if (e.name === "AbortError") {
       state.messages.push({ role: "assistant", content: text_ });
