@@ -255,6 +255,15 @@ class BatchScheduler(_Scheduler):
     def stats(self) -> dict:
         return {**super().stats(), "active": len(self.rows), "max_batch": self.max_batch}
 
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int], sink: Sink) -> Request:
+        ctx = self.model.cfg.max_seq_len
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) + sampling.max_new_tokens > ctx:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+                             f"exceeds the context ({ctx})")
+        return super().submit(prompt_ids, sampling, stop_ids, sink)
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -262,8 +271,8 @@ class BatchScheduler(_Scheduler):
                 while not self.rows and not self._pending and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    for row in self.rows:
-                        _emit(row.req, RuntimeError("server shutting down"))
+                    for r in [row.req for row in self.rows] + list(self._pending):
+                        _emit(r, RuntimeError("server shutting down"))
                     return
                 new = self._admit()
             try:
@@ -350,10 +359,16 @@ class BatchScheduler(_Scheduler):
     def _advance(self, logits: torch.Tensor, first: int) -> None:
         """Sample the next id of rows[first:] from `logits` and stream it; finish the rows that end."""
         done = []
+        greedy = None  # one argmax for all plain greedy rows
         for i, row in enumerate(self.rows[first:], start=first):
             s = row.req.sampling
             prev = torch.tensor([row.history], device=self.device) if s.repetition_penalty != 1.0 else None
-            t = int(sample_next(logits[i - first:i - first + 1], prev, s, row.gen)[0])
+            if s.temperature == 0 and prev is None:
+                if greedy is None:
+                    greedy = logits.float().argmax(-1).tolist()
+                t = greedy[i - first]
+            else:
+                t = int(sample_next(logits[i - first:i - first + 1], prev, s, row.gen)[0])
             if t in row.req.stop_ids:
                 done.append((i, "stop"))
                 continue

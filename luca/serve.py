@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Union
@@ -227,13 +228,13 @@ class _Mailbox:
             q.put_nowait(ev)
 
 
-_MAILBOXES: dict[int, _Mailbox] = {}
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
 
 
 def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    mb = _MAILBOXES.get(id(loop))
-    if mb is None or mb.loop is not loop:
-        mb = _MAILBOXES[id(loop)] = _Mailbox(loop)
+    mb = _MAILBOXES.get(loop)
+    if mb is None:
+        mb = _MAILBOXES[loop] = _Mailbox(loop)
     return mb
 
 
