@@ -237,7 +237,10 @@ class NativeEngine:
             dtype = "fp32" if 4 * n <= FUSE_MAX_BYTES and quant is None else "bf16"
         dt = parse_dtype(dtype)
         model = rundir.load_model(run_dir, device=device, dtype=dt)
-        return cls(model, dtype=dt, quant=quant, fuse=True, consume=True)
+        eng = cls(model, dtype=dt, quant=quant, consume=True)
+        del model
+        _release_freed_memory()
+        return eng
 
     def nbytes(self) -> int:
         n = self.embed.nbytes() + (0 if self.lm_head is self.embed else self.lm_head.nbytes())
@@ -369,6 +372,15 @@ class NativeEngine:
             mask = valid[:, None, None, :T0 + t + 1] if padded else None
             logits = self.forward(nxt[:, None], next_pos, kv, T0 + t, mask)
             next_pos = next_pos + 1
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps tensors below its mmap threshold)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _ENGINES: "weakref.WeakKeyDictionary[Transformer, tuple[tuple, NativeEngine]]" = weakref.WeakKeyDictionary()

@@ -32,7 +32,8 @@ from luca import rundir
 from luca.errors import LucaError
 from luca.finetune import chat_data as CD
 from luca.finetune.lora import (LoraSpec, adapter_config, adapter_state_dict, apply_lora, load_adapter_weights,
-                                merge_lora, parse_targets, spec_from_adapter_config, trainable_parameters)
+                                merge_lora, parse_targets, set_gradient_checkpointing, spec_from_adapter_config,
+                                trainable_parameters)
 from luca.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 __all__ = ["FinetuneConfig", "finetune", "merge", "load_finetuned", "resolve_config"]
@@ -254,7 +255,7 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
     bpb_setup = _base_bpb_setup(base, tok)
     bpb_before = _bpb(model.to(device), bpb_setup, device, autocast) if bpb_setup else None
     model = apply_lora(model, spec, quantize=cfg.qlora, device=device)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     n_train, n_total = trainable_parameters(model)
     say(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'} r={spec.r} α={spec.alpha:g} on "
         f"{','.join(spec.targets)}: trainable parameters {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%)")

@@ -6,10 +6,14 @@ What is notable:
   parameter name, so the rest of the model and its state dict are untouched.
 - Scaling is α/r, or α/√r with rank-stabilised LoRA (`rslora`). A is Kaiming-uniform, B is zero
   (PEFT's defaults), so step 0 is the base model exactly. Dropout acts on the adapter's input only.
-- QLoRA: the base weight is stored as 4-bit NF4 with double-quantised block scales (bitsandbytes,
-  block 64) and dequantised on the fly to the compute dtype in forward *and* backward; nothing of
-  size (out × in) is kept for the backward pass. Adapters hold FP32 master weights (as PEFT keeps
-  them for 4-bit bases) and compute in BF16 under autocast.
+- QLoRA: the base weight is stored as 4-bit NF4 with double-quantised block scales (quantised by
+  bitsandbytes, block 64) and dequantised on the fly to the compute dtype in forward and backward;
+  nothing of size (out × in) outlives a layer's backward. With gradient checkpointing the
+  recomputed forward keeps its dequantised weight for the backward that follows (2 dequantisations
+  per step, not 3). On CUDA the dequantisation is luca's own `nf4_dequantize` under torch.compile
+  (one fused kernel, bitwise equal to bitsandbytes'), elsewhere bitsandbytes'. Adapters hold FP32
+  master weights (as PEFT keeps them for 4-bit bases) and compute in BF16 under autocast; the
+  update is added inside the second GEMM (addmm).
 - Merging: W' = W + s·B·A in float32, where W is the dequantised NF4 weight for QLoRA (the
   weights the adapter was trained against), written back as a plain BF16 run directory.
 - Adapter files use PEFT's names (`adapter_model.safetensors`, `adapter_config.json`, keys
@@ -19,6 +23,7 @@ What is notable:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +41,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "down": ("mlp", "down_proj"),
 }
 NF4_BLOCK = 64
+NF4_BLOCK2 = 256  # block of the double-quantised scales
 PEFT_PREFIX = "base_model.model."
 
 
@@ -86,21 +92,70 @@ def _bnb():
     return bnbf
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    except RuntimeError:  # a device without autocast (meta)
+        return x.dtype
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
+                   code: torch.Tensor, offset: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' NF4 (double-quantised scales) → a flat `dtype` tensor, in plain torch ops.
+
+    Bitwise equal to `bitsandbytes.functional.dequantize_4bit`; under `torch.compile` one fused
+    kernel (uint8 in, BF16 out) that needs no bitsandbytes binary. Requires numel % 64 == 0.
+    """
+    nb = absmax_q.numel()
+    scale = code2[absmax_q.long()] * absmax2[torch.arange(nb, device=packed.device) // NF4_BLOCK2] + offset
+    p = packed.view(-1)
+    vals = torch.stack((code[(p >> 4).long()], code[(p & 15).long()]), dim=-1).view(nb, NF4_BLOCK)
+    return (vals * scale[:, None]).to(dtype).view(numel)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_dequantize():
+    """`nf4_dequantize` under torch.compile (made once; None where compiling fails)."""
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(nf4_dequantize, dynamic=False, fullgraph=True)
+        except Exception:  # no compiler backend here: the caller falls back
+            _COMPILED["fn"] = None
+    return _COMPILED["fn"]
+
+
 class _NF4Linear(torch.autograd.Function):
-    """y = x · dequant(W)ᵀ; the backward pass dequantises again instead of saving W."""
+    """y = x · dequant(W)ᵀ without keeping W for backward, except when `layer.keep_weight`.
+
+    Under gradient checkpointing the first forward's saved tensors are dropped anyway and the
+    recomputed forward runs just before this layer's backward: keeping W there costs one layer's
+    BF16 weights for a moment and saves a third dequantisation.
+    """
 
     @staticmethod
     def forward(ctx, x, qweight, layer):
-        ctx.layer = layer
-        return F.linear(x, layer.dequantized(x.dtype))
+        w = layer.dequantized(x.dtype)
+        ctx.layer, ctx.kept = layer, layer.keep_weight
+        if ctx.kept:
+            ctx.save_for_backward(w)
+        return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.layer.dequantized(grad.dtype), None, None
+        w = ctx.saved_tensors[0] if ctx.kept else ctx.layer.dequantized(grad.dtype)
+        return grad @ w, None, None
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer (plain or NF4) plus a trainable low-rank update s·B·A."""
+    """A frozen linear layer (plain or NF4) plus a trainable low-rank update s·B·A.
+
+    `dequant` picks the NF4 path: "bnb" (bitsandbytes' kernels), "torch" (`nf4_dequantize`,
+    eager) or "compiled" (`nf4_dequantize` under torch.compile); "auto" is compiled on CUDA and
+    bitsandbytes elsewhere.
+    """
 
     def __init__(self, base: nn.Linear, spec: LoraSpec, quantize: bool = False,
                  device: torch.device | str | None = None):
@@ -109,14 +164,19 @@ class LoraLinear(nn.Module):
         self.r, self.scaling = spec.r, spec.scaling
         device = torch.device(device) if device is not None else base.weight.device
         w = base.weight.detach()
-        self.quant_state = None
+        self.nf4 = quantize
+        self.keep_weight = False  # set by `set_gradient_checkpointing`
+        self.dequant = "auto"
+        self._qs = None
         if quantize:
-            bnbf = _bnb()
-            self.weight_dtype = w.dtype
-            q, st = bnbf.quantize_4bit(w.to(device), blocksize=NF4_BLOCK, compress_statistics=True,
-                                       quant_type="nf4")
-            self.register_buffer("weight_nf4", q, persistent=False)  # the base is reloaded, never saved
-            self.quant_state = st
+            q, st = _bnb().quantize_4bit(w.to(device), blocksize=NF4_BLOCK, compress_statistics=True,
+                                         quant_type="nf4")
+            self.weight_dtype = st.dtype
+            # The quantisation state as buffers (they follow .to()); the base is reloaded, never saved.
+            for name, t in (("weight_nf4", q.view(-1)), ("nf4_absmax", st.absmax), ("nf4_absmax2", st.state2.absmax),
+                            ("nf4_code2", st.state2.code), ("nf4_code", st.code),
+                            ("nf4_offset", torch.as_tensor(st.offset, dtype=torch.float32, device=q.device))):
+                self.register_buffer(name, t, persistent=False)
             self.weight = None
         else:
             self.weight = nn.Parameter(w.to(device), requires_grad=False)
@@ -126,11 +186,43 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: the update starts at zero
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
 
+    def _quant_state(self):
+        """bitsandbytes' QuantState over the buffers (rebuilt when they move)."""
+        if self._qs is None or self._qs.absmax is not self.nf4_absmax:
+            from bitsandbytes.functional import QuantState
+            nested = QuantState(absmax=self.nf4_absmax2, code=self.nf4_code2, blocksize=NF4_BLOCK2,
+                                dtype=torch.float32)
+            self._qs = QuantState(absmax=self.nf4_absmax, shape=torch.Size((self.out_features, self.in_features)),
+                                  code=self.nf4_code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=self.weight_dtype,
+                                  offset=self.nf4_offset, state2=nested)
+        return self._qs
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen base weight in `dtype` (dequantised from NF4 for QLoRA)."""
-        if self.quant_state is None:
+        if not self.nf4:
             return self.weight.to(dtype)
-        return _bnb().dequantize_4bit(self.weight_nf4, self.quant_state, quant_type="nf4").to(dtype)
+        numel = self.in_features * self.out_features
+        how = self.dequant
+        if how == "auto":
+            how = "compiled" if self.weight_nf4.is_cuda else "bnb"
+        if numel % NF4_BLOCK:
+            how = "bnb"  # a padded last block: bitsandbytes handles it
+        fn = _compiled_dequantize() if how == "compiled" else nf4_dequantize if how == "torch" else None
+        w = None
+        if fn is not None:
+            args = (self.weight_nf4, self.nf4_absmax, self.nf4_absmax2, self.nf4_code2, self.nf4_code,
+                    self.nf4_offset, numel, self.weight_dtype)
+            try:
+                w = fn(*args)
+            except Exception as e:  # compiling failed on this machine: say so once, then use bitsandbytes
+                if how != "compiled":
+                    raise
+                _COMPILED["fn"] = None
+                warnings.warn(f"compiled NF4 dequantisation failed ({type(e).__name__}: {e}); "
+                              "using bitsandbytes' kernels")
+        if w is None:
+            w = _bnb().dequantize_4bit(self.weight_nf4.view(-1, 1), self._quant_state())
+        return w.view(self.out_features, self.in_features).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -140,27 +232,36 @@ class LoraLinear(nn.Module):
         return self.dequantized(torch.float32) + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        if self.quant_state is None:
+        dt = _compute_dtype(x)
+        if not self.nf4:
             y = F.linear(x, self.weight, self.bias)
         else:
             y = _NF4Linear.apply(x.to(dt), self.weight_nf4, self)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
-        h = self.lora_dropout(x).to(dt)
-        # The scale is folded into B (r columns) rather than applied to the (tokens × out) update.
-        return y + F.linear(F.linear(h, self.lora_A.to(dt)), (self.lora_B * self.scaling).to(dt))
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.quant_state is not None:  # bitsandbytes' state is a plain object: move it with the buffer
-            self.quant_state.to(self.weight_nf4.device)
-        return self
+        h = F.linear(self.lora_dropout(x).to(dt), self.lora_A.to(dt))
+        # The update is added inside the GEMM (addmm's beta), with the scale folded into B's r columns.
+        out = torch.addmm(y.reshape(-1, self.out_features).to(dt), h.reshape(-1, self.r),
+                          (self.lora_B * self.scaling).to(dt).t())
+        return out.view(*y.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "nf4" if self.quant_state is not None else str(self.weight.dtype).replace("torch.", "")
+        kind = "nf4" if self.nf4 else str(self.weight.dtype).replace("torch.", "")
         return f"{self.in_features}→{self.out_features}, base {kind}, r={self.r}, scaling={self.scaling:g}"
+
+
+def set_gradient_checkpointing(model: Transformer, on: bool) -> None:
+    """Checkpoint every block; NF4 layers then keep their dequantised weight through the recompute."""
+    model.gradient_checkpointing = on
+    for m in lora_modules(model).values():
+        m.keep_weight = on
+
+
+def set_dequant(model: Transformer, how: str) -> None:
+    if how not in ("auto", "bnb", "torch", "compiled"):
+        raise ValueError(f"dequant must be auto, bnb, torch or compiled, not {how!r}")
+    for m in lora_modules(model).values():
+        m.dequant = how
 
 
 def lora_modules(model: Transformer) -> dict[str, LoraLinear]:
@@ -195,7 +296,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; NF4 weights count as their unquantised size."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    total += sum(m.in_features * m.out_features for m in lora_modules(model).values() if m.quant_state is not None)
+    total += sum(m.in_features * m.out_features for m in lora_modules(model).values() if m.nf4)
     return trainable, total
 
 
