@@ -45,6 +45,14 @@ FULL = dict(vocab_size=151936, n_layers=28, d_model=1536, n_heads=12, n_kv_heads
 SMOKE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
              max_seq_len=256, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LUCA_VARIANTS = {  # side: (what it is, settings)
+    "luca": ("luca finetune --qlora: fused NF4 dequant (torch.compile'd on CUDA), weights kept through the "
+             "checkpoint recompute", {"dequant": "auto", "keep": True, "compile": False}),
+    "luca-compile": ("the same with --compile (each block torch.compile'd)",
+                     {"dequant": "auto", "keep": True, "compile": True}),
+    "luca-bnb": ("bitsandbytes' dequant kernels, dequantised 3× per step (the first measured path)",
+                 {"dequant": "bnb", "keep": False, "compile": False}),
+}
 PEER_REFERENCE = "H100 reference for the peer: 18.46M trainable, ~10.6k tokens/s, 34.6 GiB peak"
 
 
@@ -114,14 +122,21 @@ def _time(a, step, device) -> dict:
 def run_luca(a) -> dict:
     import torch
     from luca import rundir
-    from luca.finetune.lora import LoraSpec, apply_lora, trainable_parameters
+    from luca.finetune.lora import (LoraSpec, apply_lora, compile_blocks, lora_modules, set_dequant,
+                                    set_gradient_checkpointing, trainable_parameters)
     from luca.optim import adamw
     device = _device(a)
+    how = LUCA_VARIANTS[a.side][1]
     t = time.perf_counter()
     model = rundir.load_model(a.ckpt, device="cpu", dtype=torch.bfloat16)
     apply_lora(model, LoraSpec(r=a.r, alpha=a.alpha, dropout=a.dropout, targets=["all"]), quantize=True,
                device=device)
-    model.gradient_checkpointing = True
+    set_gradient_checkpointing(model, True)
+    for m in lora_modules(model).values():
+        m.keep_weight = how["keep"]
+    set_dequant(model, how["dequant"])
+    if how["compile"]:
+        compile_blocks(model)
     model.loss_impl = "chunked"  # the fused chunked cross-entropy (the default; said here to be sure)
     model.train()
     setup_s = time.perf_counter() - t
@@ -139,7 +154,33 @@ def run_luca(a) -> dict:
 
     res = _time(a, step, device)
     res.update(trainable=trainable_parameters(model)[0], setup_s=setup_s)
+    if a.profile:
+        res["profile"] = _profile(step, device, res["ms_per_step"])
     return res
+
+
+def _profile(step, device, ms_per_step: float, steps: int = 2) -> dict:
+    """GPU kernel time per step against the wall clock (how busy the GPU is) and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        if device.type != "cuda":
+            dev_us = e.self_cpu_time_total
+        if dev_us > 0:
+            rows.append((dev_us / steps / 1e3, e.key[:90], e.count // steps))
+    rows.sort(reverse=True)
+    busy = sum(r[0] for r in rows) if device.type == "cuda" else None
+    n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // steps
+    return {"gpu_ms_per_step": busy, "gpu_busy": busy / ms_per_step if busy else None, "aten_ops_per_step": n_ops,
+            "top": rows[:12]}
 
 
 def run_peer(a) -> dict:
@@ -188,7 +229,8 @@ def run_peer(a) -> dict:
 def _worker(a, side: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--ckpt", str(a.ckpt), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
-           "--r", str(a.r), "--alpha", str(a.alpha), "--dropout", str(a.dropout)] + (["--smoke"] if a.smoke else [])
+           "--r", str(a.r), "--alpha", str(a.alpha), "--dropout", str(a.dropout)] + (["--smoke"] if a.smoke else []) \
+        + ([] if a.profile and side.startswith("luca") else ["--no-profile"])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10.0, timeout))
     except subprocess.TimeoutExpired:
@@ -236,45 +278,54 @@ def _worker_build(a, timeout: float) -> dict:
 
 
 def report(a, results: dict) -> None:
-    luca, peer = results.get("luca", {}), results.get("peer", {})
+    peer = results.get("peer", {})
     shape = "tiny smoke shape on the CPU (plumbing only)" if a.smoke else "Qwen2.5-1.5B shape"
-    dev = luca.get("device") or peer.get("device") or "?"
-    title = (f"QLoRA r={a.r} α={a.alpha:g} on 7 projections, NF4 + double quant, BF16, grad. checkpointing, "
-             f"micro-batch {a.micro_batch}×{a.seq_len}, {shape}, {dev}")
-    mem = "peak memory GiB" + (" (RSS, CPU)" if a.smoke else " (allocated)")
-    ok = "ms_per_step" in luca and "ms_per_step" in peer
-
-    def cell(r, key, fmt):
-        return fmt.format(r[key]) if r.get(key) is not None else (r.get("error", "-")[:70] if key == "trainable" else "-")
-
-    rows = [("trainable parameters", cell(luca, "trainable", "{:,}"), cell(peer, "trainable", "{:,}"),
-             f"{luca['trainable'] / peer['trainable']:.3f}×" if ok else "-", "equal"),
-            (mem, cell(luca, "peak_gib", "{:.2f}"), cell(peer, "peak_gib", "{:.2f}"),
-             f"{luca['peak_gib'] / peer['peak_gib']:.2f}×" if ok else "-", "≤ 0.50×"),
-            ("reserved GiB", cell(luca, "reserved_gib", "{:.2f}"), cell(peer, "reserved_gib", "{:.2f}"),
-             f"{luca['reserved_gib'] / peer['reserved_gib']:.2f}×" if ok and luca.get("reserved_gib") else "-", ""),
-            ("tokens/s", cell(luca, "tokens_per_s", "{:,.0f}"), cell(peer, "tokens_per_s", "{:,.0f}"),
-             f"{luca['tokens_per_s'] / peer['tokens_per_s']:.2f}×" if ok else "-", "≥ 1.30×"),
-            ("ms/step", cell(luca, "ms_per_step", "{:.1f}"), cell(peer, "ms_per_step", "{:.1f}"),
-             f"{luca['ms_per_step'] / peer['ms_per_step']:.2f}×" if ok else "-", ""),
-            ("first step s", cell(luca, "first_step_s", "{:.1f}"), cell(peer, "first_step_s", "{:.1f}"), "", ""),
-            ("load + quantise s", cell(luca, "setup_s", "{:.1f}"), cell(peer, "setup_s", "{:.1f}"), "", ""),
-            ("last loss", cell(luca, "loss", "{:.3f}"), cell(peer, "loss", "{:.3f}"), "", "")]
-    if ok and not a.smoke:
-        met_mem = luca["peak_gib"] <= 0.5 * peer["peak_gib"]
-        met_tps = luca["tokens_per_s"] >= 1.3 * peer["tokens_per_s"]
-        rows[1] = rows[1][:4] + (("≤ 0.50× ✓" if met_mem else "≤ 0.50× ✗"),)
-        rows[3] = rows[3][:4] + (("≥ 1.30× ✓" if met_tps else "≥ 1.30× ✗"),)
-    cols = ("", "luca", "transformers + peft + bnb", "luca / peer", "goal")
-    md = ["| " + " | ".join(cols) + " |", "|---|---:|---:|---:|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    dev = next((r["device"] for r in results.values() if r.get("device")), "?")
+    title = (f"QLoRA r={a.r} α={a.alpha:g} dropout {a.dropout:g} on 7 projections, NF4 + double quant, BF16, "
+             f"grad. checkpointing, micro-batch {a.micro_batch}×{a.seq_len}, {shape}, {dev}")
+    mem = "peak GiB" + (" (RSS)" if a.smoke else "")
+    cols = ("side", "trainable", mem, "reserved GiB", "tokens/s", "ms/step", "memory vs peer", "speed vs peer",
+            "GPU busy", "first step s", "setup s")
+    rows = []
+    for side, r in results.items():
+        if "ms_per_step" not in r:
+            rows.append((side, r.get("error", "failed")[:90], *["-"] * (len(cols) - 2)))
+            continue
+        has_peer = "ms_per_step" in peer and side != "peer"
+        mem_ratio = r["peak_gib"] / peer["peak_gib"] if has_peer else None
+        speed = r["tokens_per_s"] / peer["tokens_per_s"] if has_peer else None
+        goal = not a.smoke and has_peer
+        busy = (r.get("profile") or {}).get("gpu_busy")
+        rows.append((side, f"{r['trainable']:,}", f"{r['peak_gib']:.2f}",
+                     f"{r['reserved_gib']:.2f}" if r.get("reserved_gib") is not None else "-",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}",
+                     "-" if mem_ratio is None else f"{mem_ratio:.2f}×" + (" ✓" if goal and mem_ratio <= 0.5 else
+                                                                          " ✗" if goal else ""),
+                     "-" if speed is None else f"{speed:.2f}×" + (" ✓" if goal and speed >= 1.3 else
+                                                                   " ✗" if goal else ""),
+                     "-" if busy is None else f"{busy:.0%}", f"{r['first_step_s']:.1f}", f"{r['setup_s']:.1f}"))
+    md = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)] + ["| " + " | ".join(r) + " |"
+                                                                                 for r in rows]
+    notes = [f"goals: memory ≤ 0.50× and tokens/s ≥ 1.30× the peer's; {PEER_REFERENCE}"]
+    for side, (what, _) in LUCA_VARIANTS.items():
+        if side in results:
+            notes.append(f"{side}: {what}")
+    if peer.get("versions"):
+        notes.append(f"peer: transformers + peft + bitsandbytes ({peer['versions']}), prepare_model_for_kbit_training")
+    for side, r in results.items():
+        prof = r.get("profile")
+        if prof:
+            notes.append(f"{side} profile: " + (f"GPU kernels {prof['gpu_ms_per_step']:.1f} ms of each step, "
+                                                if prof.get("gpu_ms_per_step") else "")
+                         + f"{prof['aten_ops_per_step']:,} aten ops per step; top: "
+                         + "; ".join(f"{k} {ms:.1f} ms ×{n}" for ms, k, n in prof["top"][:6]))
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench_finetune.json").write_text(json.dumps({"title": title, "results": results}, indent=2))
-        (out_dir / "bench_finetune.md").write_text(title + "\n\n" + "\n".join(md) + "\n")
-    if peer.get("versions"):
-        print(f"peer: {peer['versions']}")
-    print(PEER_REFERENCE)
+        (out_dir / "bench_finetune.md").write_text(title + "\n\n" + "\n".join(md) + "\n\n" +
+                                                   "\n".join(f"- {n}" for n in notes) + "\n")
+    print("\n".join(notes))
     print("\n".join(md))
     try:
         from rich.console import Console
@@ -284,10 +335,10 @@ def report(a, results: dict) -> None:
         return
     t = Table(title=title)
     for c in cols:
-        t.add_column(c, justify="left" if c in ("", "goal") else "right")
+        t.add_column(c, justify="left" if c == "side" else "right")
     for r in rows:
         t.add_row(*r)
-    Console(width=150).print(t)  # the table, last
+    Console(width=180).print(t)  # the table, last
 
 
 def main() -> None:
@@ -300,17 +351,20 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--sides", default="luca,peer")
+    p.add_argument("--sides", default="luca,luca-compile,luca-bnb,peer",
+                   help=f"comma-separated: {', '.join(LUCA_VARIANTS)}, peer")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the GPU-busy share and top kernels of the luca sides (2 extra steps each)")
     p.add_argument("--ckpt", type=Path, help="checkpoint directory (written if missing; default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoint")
     p.add_argument("--budget", type=float, default=560, help="seconds for the whole run")
-    p.add_argument("--side", choices=["build", "luca", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["build", "peer", *LUCA_VARIANTS], help=argparse.SUPPRESS)
     a = p.parse_args()
     a.steps = a.steps or (2 if a.smoke else 10)
     a.warmup = max(1, a.warmup or (1 if a.smoke else 3))
     a.seq_len = a.seq_len or (64 if a.smoke else 1024)
     if a.side:
-        fn = {"build": build_checkpoint, "luca": run_luca, "peer": run_peer}[a.side]
+        fn = {"build": build_checkpoint, "peer": run_peer}.get(a.side, run_luca)
         res = fn(a)
         print("RESULT " + json.dumps(res), flush=True)
         return

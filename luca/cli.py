@@ -333,6 +333,7 @@ def _finetune_args(p):
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
     p.add_argument("--targets", help="all, or a subset of q,k,v,o,gate,up,down")
     p.add_argument("--qlora", action="store_true", default=None, help="4-bit NF4 base weights (bitsandbytes)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block (GPUs)")
     p.add_argument("--merge", action="store_true", default=None, help="also write the merged BF16 model")
     p.add_argument("--system", help="default system prompt, stored in the run's chat template")
     p.add_argument("--no-pack", dest="pack", action="store_false", default=None,
@@ -353,7 +354,7 @@ def cmd_finetune(a, extra):
     from luca.finetune import finetune, resolve_config
     cfg = resolve_config(a.preset, a.set + _split_overrides(extra), lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                          lora_dropout=a.lora_dropout, rslora=a.rslora, targets=a.targets, qlora=a.qlora,
-                         merge=a.merge, system=a.system, pack=a.pack, seq_len=a.seq_len, epochs=a.epochs,
+                         compile=a.compile, merge=a.merge, system=a.system, pack=a.pack, seq_len=a.seq_len, epochs=a.epochs,
                          max_steps=a.max_steps, lr=a.lr, micro_batch=a.micro_batch, grad_accum=a.grad_accum,
                          device=a.device)
     s = finetune(a.base, a.data, a.out, cfg)

@@ -329,6 +329,11 @@ def test_qlora_trains_and_merges_on_cpu(tiny_run, chat_file, tmp_path):
     w = rundir.load_model(tiny_run).model.layers[0].self_attn.q_proj.weight
     err = (m.dequantized(torch.float32) - w).abs().mean() / w.abs().mean()
     assert 0.01 < err < 0.15  # NF4's rounding, not a copy and not garbage
+    for mod in lora_modules(model).values():  # luca's own dequantiser (the CUDA path) is bitsandbytes', bit for bit
+        mod.dequant = "bnb"
+        ref = mod.dequantized(torch.bfloat16)
+        mod.dequant = "torch"
+        assert torch.equal(mod.dequantized(torch.bfloat16), ref)
     x = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         before = model(x)

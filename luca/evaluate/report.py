@@ -24,9 +24,10 @@ CHANCE = {"hellaswag": 0.25, "piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.2
 
 
 def weights_fingerprint(run_dir: Path) -> str:
-    files = [run_dir / rundir.WEIGHTS_INDEX] if (run_dir / rundir.WEIGHTS_INDEX).is_file() else [run_dir / rundir.WEIGHTS]
-    st = files[0].stat()
-    return f"{files[0].name}:{st.st_size}:{st.st_mtime_ns}"
+    f = run_dir / rundir.WEIGHTS_INDEX
+    f = f if f.is_file() else run_dir / rundir.WEIGHTS
+    st = f.stat()
+    return f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def model_record(run_dir: Path, model, tok, dtype: str) -> dict:
@@ -86,9 +87,9 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
 
 def markdown(results: dict) -> str:
     m = results["model"]
+    seen = f"{m['tokens_seen']:,} tokens seen" if m.get("tokens_seen") else "tokens seen unknown"
     head = (f"Evaluated {results['created']} ({m['eval_dtype']}, zero-shot, scored as lm-evaluation-harness "
-            f"0.4 scores them); {m['parameters']:,} parameters, "
-            f"{'%s tokens seen' % format(m['tokens_seen'], ',') if m.get('tokens_seen') else 'tokens seen unknown'}.\n\n")
+            f"0.4 scores them); {m['parameters']:,} parameters, {seen}.\n\n")
     table = "| task | metric | value | stderr | n |\n|---|---|---|---|---|\n"
     table += "\n".join("| " + " | ".join(r) + " |" for r in rows(results))
     curves = ""
@@ -183,8 +184,8 @@ def _plot(runs, names: list[str], png: Path) -> None:
     tasks += extra
     bpbs = sorted({Path(p).name for _, r in runs for p in r.get("bpb", {})})
     n_panels = 1 + (1 if bpbs else 0)
-    fig, axes = plt.subplots(1, n_panels, figsize=(max(6, 1.6 * len(tasks) * max(1, len(runs) / 2)) + 3 * (n_panels - 1),
-                                                   4), squeeze=False)
+    width_in = max(6, 1.6 * len(tasks) * max(1, len(runs) / 2)) + 3 * (n_panels - 1)
+    fig, axes = plt.subplots(1, n_panels, figsize=(width_in, 4), squeeze=False)
     width = 0.8 / max(1, len(runs))
     ax = axes[0][0]
     for k, (name, (_, r)) in enumerate(zip(names, runs)):

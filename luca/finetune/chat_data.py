@@ -312,7 +312,8 @@ def convert(rec: object, fmt: str, origin: str, text_field: str = "text") -> Ite
     elif fmt == "qa":
         for q, a in QA_KEYS:
             if q in rec and a in rec:
-                yield Example(origin, messages=[("user", _string(rec, q, origin)), ("assistant", _string(rec, a, origin))])
+                yield Example(origin, messages=[("user", _string(rec, q, origin)),
+                                                ("assistant", _string(rec, a, origin))])
                 return
         raise LucaError(f"{origin}: needs question/answer fields ({', '.join(f'{q}/{a}' for q, a in QA_KEYS)}); "
                         f"fields: {', '.join(rec)}")
