@@ -9,7 +9,10 @@ tokens, loss on every token.
 
 - luca: `rundir.load_model` → `luca.finetune.lora.apply_lora(quantize=True)` (the layers
   `luca finetune --qlora` trains), the model's fused chunked cross-entropy (full-vocabulary logits
-  are never materialised).
+  are never materialised). Variants, each its own row: `luca` (what `luca finetune --qlora` runs:
+  NF4 dequantised by luca's torch.compile'd kernel on CUDA, dequantised weights kept through the
+  checkpoint recompute), `luca-compile` (the same plus `--compile`: every block torch.compile'd),
+  `luca-bnb` (bitsandbytes' dequant kernels, 3 dequantisations per step: the first measured path).
 - peer: `AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant, bf16 compute))` → `peft.prepare_model_for_kbit_training` → `get_peft_model(LoraConfig)`,
   `model(input_ids, labels)` under BF16 autocast (what `Trainer(bf16=True)` does): the usual
@@ -17,7 +20,9 @@ tokens, loss on every token.
 
 Each side runs in its own process (so each peak-memory figure is its own), warm-up steps excluded,
 CUDA-synchronised wall clock over the timed steps. Peak memory is `torch.cuda.max_memory_allocated`
-from the first training step on (weights included); reserved memory is shown beside it.
+from the first training step on (weights included); reserved memory is shown beside it. Each luca
+row is then profiled over 2 more steps (`--no-profile` skips it): "GPU busy" is the kernels' time
+over the wall clock (low: the step is bound by Python and launches), and the top kernels are listed.
 
     python benchmarks/bench_finetune.py            # on a GPU (H100: a few minutes)
     python benchmarks/bench_finetune.py --smoke    # a tiny shape on the CPU: checks the plumbing only
@@ -171,11 +176,14 @@ def _profile(step, device, ms_per_step: float, steps: int = 2) -> dict:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
-        dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
-        if device.type != "cuda":
-            dev_us = e.self_cpu_time_total
-        if dev_us > 0:
-            rows.append((dev_us / steps / 1e3, e.key[:90], e.count // steps))
+        if device.type == "cuda":  # kernels only (an op's own device time would count them twice)
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append((us / steps / 1e3, e.key[:90], e.count // steps))
     rows.sort(reverse=True)
     busy = sum(r[0] for r in rows) if device.type == "cuda" else None
     n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // steps
