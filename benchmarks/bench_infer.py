@@ -24,7 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ["native-fp32", "native-bf16", "native-int8", "transformers", "llama-f16", "llama-q8_0", "llama-q4_k_m"]
+ENGINES = ["native-fp32", "native-bf16", "native-int8", "native-int8-dynamic", "transformers", "llama-f16",
+           "llama-q8_0", "llama-q4_k_m"]
+
+
+def _native(run: Path, engine: str):
+    from luca.engine import NativeEngine
+    kind = engine.split("-", 1)[1]
+    if kind in ("fp32", "bf16"):
+        return NativeEngine.load(run, dtype=kind)
+    return NativeEngine.load(run, quant=kind)
 
 
 # -- workers (one engine per process) ---------------------------------------------------------------
@@ -77,8 +86,7 @@ def bpb_worker(engine: str, run: Path, bpb_tokens: int) -> dict:
     ids = tok.encode(_heldout_text(run, 8 * bpb_tokens))[:bpb_tokens]
     ctx = min(cfg.max_seq_len, 2048, len(ids))
     if engine.startswith("native"):
-        kind = engine.split("-")[1]
-        eng = NativeEngine.load(run, dtype="bf16" if kind == "int8" else kind, quant="int8" if kind == "int8" else None)
+        eng = _native(run, engine)
 
         def fn(w):
             with torch.inference_mode():
@@ -86,7 +94,8 @@ def bpb_worker(engine: str, run: Path, bpb_tokens: int) -> dict:
                 return eng.forward(torch.tensor([w]), pos, eng.new_cache(1, len(w)), 0, None, last_only=False)[0]
     else:
         from luca.engine_llamacpp import LlamaCppEngine, ensure_gguf
-        eng = LlamaCppEngine(ensure_gguf(run, engine.split("-", 1)[1]), n_ctx=ctx, logits_all=True)
+        eng = LlamaCppEngine(ensure_gguf(run, engine.split("-", 1)[1]), n_ctx=ctx, logits_all=True,
+                             n_threads=torch.get_num_threads())
         fn = eng.all_logits
     return {"engine": engine, "bpb": _bpb(fn, tok, ids, ctx), "bpb_tokens": len(ids)}
 
@@ -102,8 +111,7 @@ def worker(engine: str, run: Path, n_prompt: int, n_new: int, repeats: int) -> d
     size = None
     t_load = time.perf_counter()
     if engine.startswith("native"):
-        kind = engine.split("-")[1]
-        eng = NativeEngine.load(run, dtype="bf16" if kind == "int8" else kind, quant="int8" if kind == "int8" else None)
+        eng = _native(run, engine)
         size = eng.nbytes()
         run_once = lambda: _time_steps(eng.generate_ids([prompt], s, set()))  # noqa: E731
     elif engine == "transformers":
@@ -131,7 +139,7 @@ def worker(engine: str, run: Path, n_prompt: int, n_new: int, repeats: int) -> d
         qtype = engine.split("-", 1)[1]
         path = ensure_gguf(run, qtype)
         size = path.stat().st_size
-        eng = LlamaCppEngine(path, n_ctx=min(cfg.max_seq_len, 4096))
+        eng = LlamaCppEngine(path, n_ctx=min(cfg.max_seq_len, 4096), n_threads=torch.get_num_threads())
         run_once = lambda: _time_steps(eng.generate_ids([prompt], s, set()))  # noqa: E731
     load_s = time.perf_counter() - t_load
     run_once()  # warm-up
@@ -141,8 +149,9 @@ def worker(engine: str, run: Path, n_prompt: int, n_new: int, repeats: int) -> d
         prompt_tps.append(len(prompt) / (t1 - t0))
         decode_tps.append((n_new - 1) / (t2 - t1))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load = os.getloadavg()[0]  # other processes on the machine during this row (1-minute average)
     return {"engine": engine, "prompt_tps": statistics.median(prompt_tps), "decode_tps": statistics.median(decode_tps),
-            "rss_mb": rss_mb, "size_mb": size / 1e6 if size else None, "load_s": load_s}
+            "rss_mb": rss_mb, "size_mb": size / 1e6 if size else None, "load_s": load_s, "load": load}
 
 
 def _time_steps(steps) -> tuple[float, float, float]:
@@ -188,9 +197,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bpb-tokens", type=int, default=None, help="held-out tokens for BPB (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--bpb-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker or a.bpb_worker:
+        import torch
+        torch.set_num_threads(a.threads)
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker, a.run, a.prompt_tokens, a.new_tokens, a.repeats)))
         return
@@ -217,15 +230,15 @@ def main() -> None:
             print(f"export took {time.perf_counter() - t0:.0f} s")
     rows = []
     for e in engines:
-        r = _sub(e, ["--worker", e, "--run", str(run), "--prompt-tokens", str(a.prompt_tokens),
-                     "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)])
+        r = _sub(e, ["--worker", e, "--run", str(run), "--prompt-tokens", str(a.prompt_tokens), "--threads",
+                     str(a.threads), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)])
         if r:
             rows.append(r)
     if bpb_tokens:
         for r in rows:
-            if r["engine"].startswith("llama") or r["engine"] == "native-fp32":
-                b = _sub(f"{r['engine']} BPB", ["--bpb-worker", r["engine"], "--run", str(run),
-                                                "--bpb-tokens", str(bpb_tokens)])
+            if r["engine"] != "transformers":
+                b = _sub(f"{r['engine']} BPB", ["--bpb-worker", r["engine"], "--run", str(run), "--threads",
+                                                str(a.threads), "--bpb-tokens", str(bpb_tokens)])
                 if b:
                     r["bpb"] = b["bpb"]
     report(run, rows, a)
@@ -252,10 +265,11 @@ def report(run: Path, rows: list[dict], a) -> None:
     ref = next((r for r in rows if r["engine"] == "transformers"), None)
     f16 = next((r for r in rows if r["engine"] == "llama-f16"), None)
     title = (f"{run.name}: {cfg.arch} {cfg.n_layers}L/{cfg.d_model}, vocab {cfg.vocab_size}; {a.prompt_tokens}-token "
-             f"prompt, {a.new_tokens} greedy tokens, median of {a.repeats}, {os.cpu_count()} threads")
+             f"prompt, {a.new_tokens} greedy tokens, median of {a.repeats}, {a.threads} threads; load = the "
+             f"machine's 1-min load average during the row")
     t = Table(title=title)
     cols = ["engine", "weights MB", "prompt tok/s", "decode tok/s", "peak RSS MB", "decode ×tf", "prompt ×tf",
-            "RSS ×tf", "BPB", "BPB vs F16"]
+            "RSS ×tf", "BPB", "BPB vs F16", "load"]
     for c in cols:
         t.add_column(c, justify="left" if c == "engine" else "right")
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -265,7 +279,7 @@ def report(run: Path, rows: list[dict], a) -> None:
         dv = f"{(r['bpb'] / f16['bpb'] - 1) * 100:+.2f}%" if r.get("bpb") and f16 and f16.get("bpb") else ""
         cells = [r["engine"], f"{r['size_mb']:,.1f}" if r.get("size_mb") else "", f"{r['prompt_tps']:,.1f}",
                  f"{r['decode_tps']:,.1f}", f"{r['rss_mb']:,.0f}", ratio("decode_tps"), ratio("prompt_tps"),
-                 ratio("rss_mb"), bpb, dv]
+                 ratio("rss_mb"), bpb, dv, f"{r.get('load', 0):.1f}"]
         t.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     con = Console(width=200)

@@ -200,7 +200,8 @@ def _gen_args(p):
                    help="llama.cpp: q4_k_m, q8_0, f16, ... (exported on demand; default: an existing one, else q4_k_m)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="native: weight dtype (auto: fp32 for small models, else bf16)")
-    p.add_argument("--int8", action="store_true", help="native: int8 weight-only quantization")
+    p.add_argument("--quant", choices=["int8", "int8-dynamic"], default=None,
+                   help="native: int8 weights (weight-only, or with fbgemm's dynamic int8 GEMM: fastest on x86)")
     _sampling_args(p)
 
 
@@ -218,7 +219,7 @@ def cmd_generate(a, extra):
         model = engine_llamacpp.load(a.run_dir, a.gguf, say=lambda m: print(m, file=sys.stderr))
         context = model.n_ctx
     else:
-        model = NativeEngine.load(a.run_dir, dtype=a.dtype, quant="int8" if a.int8 else None)
+        model = NativeEngine.load(a.run_dir, dtype=a.dtype, quant=a.quant)
         context = model.cfg.max_seq_len
     prompt = a.prompt if a.prompt else sys.stdin.read()
     ids = tok.encode(prompt) or [tok.eot_id]

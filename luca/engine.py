@@ -9,9 +9,11 @@ What is notable:
 - One preallocated KV cache per call; prompts of a batch are left-padded (with their own first
   token, so the repetition penalty never sees a pad id) and masked, so several prompts decode
   together; a batch without padding needs no mask at all.
-- Weights in FP32 or BF16, or int8 weight-only (per output channel, symmetric) through
-  `torch._weight_int8pack_mm` with BF16 activations (a dequantising matmul where that kernel is
-  missing); the tied embedding is then looked up from the int8 rows too.
+- Weights in FP32 or BF16, or int8 per output channel (symmetric): `quant="int8"` is weight-only
+  through `torch._weight_int8pack_mm` with BF16 activations (a dequantising matmul where that kernel
+  is missing); `quant="int8-dynamic"` uses fbgemm's int8 GEMM with activations quantized per call
+  (FP32 in and out: the fastest on x86, BPB +0.1% on nano-n1, and a row's result then depends
+  slightly on the other rows of its batch). The tied embedding is looked up from the int8 rows.
 - Sampling is fused into a few tensor ops per step (repetition penalty, temperature, top-k,
   top-p) under `torch.inference_mode`; a seed makes it reproducible. Per step the only host work is
   one `.tolist()` of the new ids.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from luca.model import Transformer
 from luca.tokenizer import Tokenizer
 
+QUANTS = (None, "int8", "int8-dynamic")
 FUSE_MAX_BYTES = 1 << 30  # above this, fusing Q/K/V and gate/up would double the weights' memory
 
 
@@ -89,26 +92,42 @@ def sample_next(logits: torch.Tensor, prev: torch.Tensor | None, s: SamplingConf
 
 # -- weights ------------------------------------------------------------------------------------
 class _Linear:
-    """y = x @ W.T (+ b): a dense weight, or int8 rows with one scale per output channel."""
+    """y = x @ W.T (+ b): a dense weight, or int8 rows with one scale per output channel.
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, int8: bool):
+    mode "int8": weight-only (`torch._weight_int8pack_mm`, BF16 activations); "int8-dynamic":
+    fbgemm's int8 GEMM with activations quantized on the fly per call (FP32 in and out; fastest on
+    x86, slightly less exact); either falls back to a dequantising matmul where its kernel is missing.
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, mode: str | None = None,
+                 keep_rows: bool = False):
         self.b = None if b is None else b.to(dtype)
-        self.int8 = int8
-        if int8:
-            w = w.float()
-            scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
-            self.w = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(dtype)
-            self.packed = _int8pack_works(self.w.device, dtype)
-        else:
+        self.mode = mode
+        self.in_features = w.shape[1]
+        self.fbgemm = None
+        if mode is None:
             self.w = w.to(dtype)
+            return
+        w = w.float()
+        scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
+        self.w = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(dtype)
+        self.packed = _int8pack_works(self.w.device, dtype)
+        if mode == "int8-dynamic":
+            self.fbgemm = _fbgemm_pack(self.w, scale, None if b is None else b.float())
+            if self.fbgemm is not None:
+                self.b = None  # inside the packed weight
+                if not keep_rows:
+                    self.w = self.w[:0]  # fbgemm holds its own copy
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.int8:
+        if self.mode is None:
             return F.linear(x, self.w, self.b)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.packed and self.w.shape[0] > 4 * _ROWS:  # a vocabulary-sized head: in row blocks (faster)
+        if self.fbgemm is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.fbgemm, True)
+        elif self.packed and self.w.shape[0] > 4 * _ROWS:  # a vocabulary-sized head: in row blocks (faster)
             x2 = x2.contiguous()
             y = torch.cat([torch._weight_int8pack_mm(x2, self.w[i:i + _ROWS], self.scale[i:i + _ROWS])
                            for i in range(0, self.w.shape[0], _ROWS)], -1)
@@ -122,13 +141,29 @@ class _Linear:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight (an embedding lookup), dequantised."""
-        if not self.int8:
+        if self.mode is None:
             return F.embedding(ids, self.w)
         return F.embedding(ids, self.w).to(self.scale.dtype) * self.scale[ids][..., None]
 
     def nbytes(self) -> int:
-        n = self.w.numel() * self.w.element_size()
-        return n + (self.scale.numel() * self.scale.element_size() if self.int8 else 0)
+        if self.mode is None:
+            return self.w.numel() * self.w.element_size()
+        n = self.w.numel() + self.scale.numel() * self.scale.element_size()
+        return n + (self.scale.shape[0] * self.in_features if self.fbgemm is not None else 0)
+
+
+def _fbgemm_pack(wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed int8 weight (per-channel scales), or None where fbgemm is unavailable."""
+    import warnings
+    if wq.device.type != "cpu" or not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated, the fbgemm kernels are not gone
+            q = torch._make_per_channel_quantized_tensor(wq, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(q, bias)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 _ROWS = 4096  # row block of a large int8 matrix (measured: a 152k-row head runs ~1.4× faster in blocks)
@@ -169,14 +204,16 @@ class NativeEngine:
 
     def __init__(self, model: Transformer, dtype: torch.dtype | str | None = None, quant: str | None = None,
                  fuse: bool | None = None, consume: bool = False):
-        if quant not in (None, "int8"):
-            raise ValueError(f"quant must be None or 'int8', got {quant!r}")
+        if quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
         p0 = next(model.parameters())
         self.cfg, self.device = model.cfg, p0.device
         self.quant = quant
-        dtype = parse_dtype(dtype) or (torch.bfloat16 if quant == "int8" else p0.dtype)
+        dtype = parse_dtype(dtype) or {"int8": torch.bfloat16, "int8-dynamic": torch.float32}.get(quant, p0.dtype)
+        if quant == "int8-dynamic":
+            dtype = torch.float32  # fbgemm takes and gives FP32
         self.dtype = dtype
-        int8 = quant == "int8"
+        int8 = quant
         if fuse is None:
             fuse = sum(p.numel() * p.element_size() for p in model.parameters()) <= FUSE_MAX_BYTES or int8 \
                 or dtype != p0.dtype  # a converted copy is made anyway: fuse it
@@ -211,8 +248,9 @@ class NativeEngine:
                     model.model.layers[i] = torch.nn.Identity()
                     del blk, a, m
             self.norm = model.model.norm.weight.to(dtype)
-            self.embed = _Linear(model.model.embed_tokens.weight, None, dtype, int8)
-            self.lm_head = self.embed if cfg.tie_embeddings else _Linear(model.lm_head.weight, None, dtype, int8)
+            self.embed = _Linear(model.model.embed_tokens.weight, None, dtype, int8, keep_rows=True)
+            self.lm_head = self.embed if cfg.tie_embeddings else _Linear(model.lm_head.weight, None, dtype, int8,
+                                                                         keep_rows=False)
             # RoPE table for every position (rotate-half layout; the sign of the roll folded into sin).
             hd = cfg.head_dim
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=self.device) / hd))

@@ -159,7 +159,8 @@ def test_engine_matches_model_and_int8_stays_close(tiny_run):
     with torch.no_grad():
         ref = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts])
     assert (NativeEngine(model).logits(prompts) - ref).abs().max().item() <= 1e-4
-    for eng in (NativeEngine(model, quant="int8"), NativeEngine(model, dtype="bf16")):
+    for eng in (NativeEngine(model, quant="int8"), NativeEngine(model, dtype="bf16"),
+                NativeEngine(model, quant="int8-dynamic")):
         got = eng.logits(prompts)
         assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
         assert (got.argmax(-1) == ref.argmax(-1)).all()
