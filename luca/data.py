@@ -234,15 +234,30 @@ def _is_binary(path: Path) -> bool:
 
 
 def builtin_python_files() -> list[Path]:
-    """The standard library's .py files, tests, site-packages and caches left out, sorted."""
+    """The standard library's .py files, sorted; tests, site-packages, caches and generated tables left out.
+
+    Machine-generated tables are dropped because a few MB of hex codec maps would otherwise be what a
+    small model learns first: the ~60 charmap codecs in `encodings/`, `_sysconfigdata*` and
+    `pydoc_data/topics.py` (its prose is read as documents of its own by `_read_pydoc_topics`).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__", "idle_test"}
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames
                              if d not in skip and not d.startswith(("test", ".")))
-        out += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("test_")]
-    return sorted(out)
+        out += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("test_")
+                and not f.startswith("_sysconfigdata")]
+    return sorted(p for p in out if not _is_generated_table(p, root))
+
+
+def _is_generated_table(path: Path, root: Path) -> bool:
+    if path.relative_to(root).as_posix() == "pydoc_data/topics.py":
+        return True
+    if path.parent.name != "encodings":
+        return False
+    with open(path, "rb") as f:
+        return b"Python Character Mapping Codec" in f.read(200)
 
 
 def _read_pydoc_topics() -> Iterator[tuple[str, str]]:
