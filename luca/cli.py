@@ -250,7 +250,7 @@ def _eval_args(p):
     p.add_argument("--bpb", nargs="+", default=[], metavar="FILE", help="bits per byte of these UTF-8 text files")
     p.add_argument("--bpb-stride", type=int, help="sliding-window stride in tokens (default: half the context)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass")
+    p.add_argument("--batch-tokens", type=int, help="positions per forward pass (default 2048 on CPU, 16384 on GPU)")
     p.add_argument("--bootstrap-iters", type=int, default=100_000, help="resamples for the perplexity stderr")
 
 

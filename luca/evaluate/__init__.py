@@ -38,7 +38,7 @@ def evaluate_task(model, tok, name: str, file: str | Path | None = None, data_di
     return score_task(model, tok, data, t0=t0, **kw)
 
 
-def score_task(model, tok, data, *, batch_tokens: int = 8192, bootstrap_iters: int = 100_000,
+def score_task(model, tok, data, *, batch_tokens: int | None = None, bootstrap_iters: int = 100_000,
                progress: bool = False, details: bool = False, max_len: int | None = None,
                t0: float | None = None) -> dict:
     """Score a loaded task (`tasks.TaskData`). `details` adds "details": per request (context,
@@ -65,7 +65,7 @@ def score_task(model, tok, data, *, batch_tokens: int = 8192, bootstrap_iters: i
 
 def evaluate(run_dir: str | Path, tasks: str | Sequence[str] | None = None, data_dir: str | Path | None = None,
              bpb_files: Sequence[str | Path] | None = None, limit: int | None = None, *,
-             dtype: str = "float32", device: str = "cpu", batch_tokens: int = 8192,
+             dtype: str = "float32", device: str = "cpu", batch_tokens: int | None = None,
              bpb_stride: int | None = None, bootstrap_iters: int = 100_000, write: bool = True,
              progress: bool = True, on_result=None) -> dict:
     """Evaluate a run directory; returns (and, with `write`, records) the results.

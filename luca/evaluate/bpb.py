@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from luca.errors import LucaError
-from luca.evaluate.harness import progress_bar
+from luca.evaluate.harness import default_batch_tokens, progress_bar
 from luca.evaluate.tasks import sha256_file
 from luca.model import Transformer
 from luca.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def _bucket(pos: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def bits_per_byte(model: Transformer, tok: Tokenizer, text: str, *, max_len: int | None = None,
-                  stride: int | None = None, batch_tokens: int = 8192, progress: bool = False,
+                  stride: int | None = None, batch_tokens: int | None = None, progress: bool = False,
                   desc: str = "bpb") -> dict:
     """BPB of `text` with a sliding window; returns totals and the by-position curve."""
     L = max_len or model.cfg.max_seq_len
@@ -82,6 +82,7 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, text: str, *, max_len: int
     tok_bytes = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
     wins = windows(len(ids), L, stride)
     device = next(model.parameters()).device
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     n_buckets = int(_bucket(np.array([L - 1]))[0]) + 1
     bits_b = np.zeros(n_buckets)
     bytes_b = np.zeros(n_buckets, dtype=np.int64)

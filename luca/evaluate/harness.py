@@ -29,6 +29,8 @@ What is notable:
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -226,9 +228,16 @@ def forward_selected(model: Transformer, tokens: torch.Tensor, positions: torch.
     return model.model.norm(xq[row, slot])
 
 
+def default_batch_tokens(device: torch.device | str) -> int:
+    """Positions per forward pass. On the CPU small batches win: at 2,048 rows the activations of a
+    small model stay in cache and the FP32 GEMMs run ~25% faster than at 8,192 (measured on nano-n1);
+    a GPU wants large ones."""
+    return 2048 if torch.device(device).type == "cpu" else 16384
+
+
 @torch.inference_mode()
 def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]],
-                groups: Sequence | None = None, *, max_len: int | None = None, batch_tokens: int = 8192,
+                groups: Sequence | None = None, *, max_len: int | None = None, batch_tokens: int | None = None,
                 progress: bool = False, desc: str = "score") -> list[Scored]:
     """Log-likelihood and greediness of each continuation given its context (token ids).
 
@@ -237,6 +246,7 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]]
     """
     L = max_len or model.cfg.max_seq_len
     device = next(model.parameters()).device
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     keys: dict[tuple[tuple[int, ...], int], int] = {}
     req_uid, uniq_group, uniq_req, owner = [], [], [], []
     for i, (ctx, cont) in enumerate(pairs):
@@ -356,16 +366,23 @@ def perplexity_stderr(lls: Sequence[float], iters: int = 100_000) -> float | Non
     xs = np.asarray(lls, dtype=np.float64)
     n = len(xs)
     chunk = min(1000, iters)
-    rows_per_draw = max(1, (1 << 21) // n)  # bound memory: ~2M draws at a time
-    res = []
-    for i in range(iters // chunk):
+    rows_per_draw = max(1, (1 << 16) // n)  # ~64k draws at a time stay in cache
+
+    def resample(i: int) -> np.ndarray:
         rs = np.random.RandomState([i])
-        done = 0
+        out, done = [], 0
         while done < chunk:
             m = min(rows_per_draw, chunk - done)
-            idx = np.floor(rs.random_sample((m, n)) * float(n)).astype(np.int64)
-            res.append(np.exp(-(xs[idx].sum(axis=1) / n)))
+            u = rs.random_sample((m, n))
+            u *= n
+            out.append(np.exp(-(np.take(xs, u.astype(np.intp)).sum(axis=1) / n)))  # u ≥ 0: trunc is floor
             done += m
+        return np.concatenate(out)
+
+    # Drawing the numbers is most of the time and NumPy releases the GIL while it draws: chunks run
+    # on threads, and come back in order.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        res = list(pool.map(resample, range(iters // chunk)))
     return sample_stddev(np.concatenate(res).tolist())
 
 

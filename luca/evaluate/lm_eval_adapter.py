@@ -35,7 +35,7 @@ class LucaLM(LM):
     """A luca run directory (or any HF Llama/Qwen2/Qwen3 directory luca loads) as an lm-eval LM."""
 
     def __init__(self, path: str | None = None, pretrained: str | None = None, dtype: str = "float32",
-                 device: str = "cpu", batch_tokens: int | str = 8192, max_length: int | str | None = None,
+                 device: str = "cpu", batch_tokens: int | str | None = None, max_length: int | str | None = None,
                  batch_size=None, max_batch_size=None, **_ignored) -> None:
         super().__init__()
         import torch
@@ -57,7 +57,7 @@ class LucaLM(LM):
         self.model = rundir.load_model(run, device=device, dtype=dt)
         self.tok = rundir.load_tokenizer(run)
         self.max_length = int(max_length) if max_length else self.model.cfg.max_seq_len
-        self.batch_tokens = int(batch_tokens)
+        self.batch_tokens = int(batch_tokens) if batch_tokens else None
         self.prefix_token_id = self.tok.im_end_id  # what lm-eval's hf backend uses for luca's tokenizer
 
     @property

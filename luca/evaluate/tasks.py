@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,7 +43,7 @@ class Task:
     kind: str  # "multiple_choice" | "loglikelihood"
     metrics: tuple[str, ...]
     patterns: tuple[str, ...]  # where the file is looked for under --data-dir (first match wins)
-    read: Callable[[Path], list[Doc]]
+    read: Callable[[Path, int | None], list[Doc]]  # (file, limit): the first `limit` items
 
 
 @dataclass
@@ -146,19 +147,22 @@ def _labels_beside(p: Path) -> Path | None:
 
 
 # -- HellaSwag ----------------------------------------------------------------------------------
+_BRACKETS = re.compile("\\[.*?\\]")
+
+
 def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's `tasks/hellaswag/utils.py:preprocess`, verbatim."""
+    """lm-eval's `tasks/hellaswag/utils.py:preprocess` (the same steps and regex)."""
     text = text.strip()
     # Brackets are artifacts of the WikiHow part of HellaSwag.
     text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
+    text = _BRACKETS.sub("", text)
     text = text.replace("  ", " ")
     return text
 
 
-def read_hellaswag(p: Path) -> list[Doc]:
+def read_hellaswag(p: Path, limit: int | None = None) -> list[Doc]:
     docs = []
-    for lineno, o in iter_jsonl(p):
+    for lineno, o in islice(iter_jsonl(p), limit):
         label = _get(o, "activity_label", str, p, lineno)
         if "ctx_a" in o or "ctx_b" in o:
             ctx = _get(o, "ctx_a", str, p, lineno) + " " + _get(o, "ctx_b", str, p, lineno).capitalize()
@@ -175,7 +179,7 @@ def read_hellaswag(p: Path) -> list[Doc]:
 
 
 # -- PIQA ---------------------------------------------------------------------------------------
-def read_piqa(p: Path) -> list[Doc]:
+def read_piqa(p: Path, limit: int | None = None) -> list[Doc]:
     rows = list(iter_jsonl(p))
     labels_file = _labels_beside(p)
     inline = all("label" in o for _, o in rows) and rows
@@ -184,7 +188,7 @@ def read_piqa(p: Path) -> list[Doc]:
     labels = read_labels(labels_file, len(rows), p) if labels_file is not None else \
         [_int_label(o["label"], p, n, "label") for n, o in rows]
     docs = []
-    for (lineno, o), gold in zip(rows, labels):
+    for (lineno, o), gold in islice(zip(rows, labels), limit):
         goal = _get(o, "goal", str, p, lineno)
         choices = [_get(o, "sol1", str, p, lineno), _get(o, "sol2", str, p, lineno)]
         if gold not in (0, 1):
@@ -195,9 +199,9 @@ def read_piqa(p: Path) -> list[Doc]:
 
 
 # -- ARC ----------------------------------------------------------------------------------------
-def read_arc(p: Path) -> list[Doc]:
+def read_arc(p: Path, limit: int | None = None) -> list[Doc]:
     docs = []
-    for lineno, o in iter_jsonl(p):
+    for lineno, o in islice(iter_jsonl(p), limit):
         q = o.get("question")
         if isinstance(q, dict):  # the original AI2 schema
             stem = _get(q, "stem", str, p, lineno)
@@ -221,12 +225,12 @@ def read_arc(p: Path) -> list[Doc]:
 
 
 # -- WinoGrande ---------------------------------------------------------------------------------
-def read_winogrande(p: Path) -> list[Doc]:
+def read_winogrande(p: Path, limit: int | None = None) -> list[Doc]:
     rows = list(iter_jsonl(p))
     labels_file = _labels_beside(p)
     labels = read_labels(labels_file, len(rows), p) if labels_file is not None else None
     docs = []
-    for i, (lineno, o) in enumerate(rows):
+    for i, (lineno, o) in enumerate(rows[:limit]):
         sentence = _get(o, "sentence", str, p, lineno)
         options = [_get(o, "option1", str, p, lineno), _get(o, "option2", str, p, lineno)]
         if "_" not in sentence:
@@ -250,9 +254,9 @@ def read_winogrande(p: Path) -> list[Doc]:
 
 
 # -- LAMBADA ------------------------------------------------------------------------------------
-def read_lambada(p: Path) -> list[Doc]:
+def read_lambada(p: Path, limit: int | None = None) -> list[Doc]:
     docs = []
-    for lineno, o in iter_jsonl(p):
+    for lineno, o in islice(iter_jsonl(p), limit):
         text = _get(o, "text", str, p, lineno)
         words = text.split(" ")
         if not words[-1]:
@@ -319,7 +323,7 @@ def load_task(name: str, file: Path | None = None, data_dir: str | Path | None =
     file = Path(file)
     if not file.is_file():
         raise LucaError(f"{file}: no such file")
-    docs = task.read(file)
+    docs = task.read(file, limit)  # items past the limit are not read (nor checked)
     if not docs:
         raise LucaError(f"{file}: no items")
     files = [{"path": str(file.resolve()), "sha256": sha256_file(file)}]
