@@ -385,7 +385,7 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     `until` stops after that step as an interruption would (checkpoint written, no final model),
     for training in pieces; `resume=True` then continues to `max_steps`.
     """
-    from luca.data import TokenShards
+    from luca.data import TokenShards, tokenizer_checksum
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
     dd = init_distributed(device)
@@ -404,6 +404,9 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     accum = cfg.batch_tokens // per_micro
 
     train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    if train_shards.tokenizer_checksum != tokenizer_checksum(tokenizer):  # ids would mean other strings
+        raise LucaError(f"{data_dir}: its token shards were made with another tokenizer than the one given; "
+                        f"run `luca data`/`luca tokenizer` again for this tokenizer")
     data_seed = cfg.seed if cfg.data_seed < 0 else cfg.data_seed
     loader = Loader(Batches(train_shards, cfg.seq_len, data_seed), dd, accum, cfg.micro_batch, device)
 

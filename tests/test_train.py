@@ -78,6 +78,13 @@ def test_resume_is_bitwise_equal(tmp_path):
     # The metrics log has no duplicated steps after the resume.
     steps = [r["step"] for r in rundir.read_metrics(part)]
     assert steps == sorted(set(steps)) and steps[-1] == 20
+    # Shards made with one tokenizer are refused with another: ids would stand for other strings.
+    from luca.errors import LucaError
+    from luca.tokenizer import byte_tokenizer
+    with pytest.raises(LucaError, match="another tokenizer"):
+        train(tmp_path / "other", mc, build(TrainConfig, tc, "train"), tmp_path / "b" / "data", byte_tokenizer(),
+              progress=False)
+    assert not (tmp_path / "other").exists()
 
 
 def test_schedules():
