@@ -39,6 +39,10 @@ from luca.tokenizer import Tokenizer
 
 QUANTS = (None, "int8", "int8-dynamic")
 FUSE_MAX_BYTES = 1 << 30  # above this, fusing Q/K/V and gate/up would double the weights' memory
+# MKL's FP32 matrix-vector product streams a weight stored (in, out) about 1.5x faster than one stored
+# (out, in) once the weights no longer sit in L2 (nano-n1 decode: 17 MB of weights per token, 2.4 ms
+# → 1.1 ms for its matmuls on 2 AMD EPYC cores); for BF16 the usual layout is as fast or faster.
+K_MAJOR_FP32 = True
 
 
 @dataclass
@@ -100,13 +104,15 @@ class _Linear:
     """
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, mode: str | None = None,
-                 keep_rows: bool = False):
+                 keep_rows: bool = False, k_major: bool = False):
         self.b = None if b is None else b.to(dtype)
         self.mode = mode
         self.in_features = w.shape[1]
         self.fbgemm = None
         if mode is None:
             self.w = w.to(dtype)
+            if k_major:  # stored (in, out), used as its (out, in) view: see K_MAJOR_FP32
+                self.w = self.w.t().contiguous().t()
             return
         w = w.float()
         scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
@@ -219,6 +225,8 @@ class NativeEngine:
                 or dtype != p0.dtype  # a converted copy is made anyway: fuse it
         self.fused = fuse
         cfg = self.cfg
+        km = dict(k_major=fuse and dtype == torch.float32 and self.device.type == "cpu" and K_MAJOR_FP32
+                  and not int8)
         with torch.inference_mode():
             self.layers = []
             for i in range(len(model.model.layers)):
@@ -230,8 +238,8 @@ class NativeEngine:
                 bias = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias] if cfg.qkv_bias else None
                 if fuse:
                     L.qkv = _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                                    torch.cat(bias) if bias else None, dtype, int8)
-                    L.gate_up = _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), None, dtype, int8)
+                                    torch.cat(bias) if bias else None, dtype, int8, **km)
+                    L.gate_up = _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), None, dtype, int8, **km)
                 else:
                     L.q, L.k, L.v = (_Linear(lin.weight, lin.bias, dtype, int8)
                                      for lin in (a.q_proj, a.k_proj, a.v_proj))
@@ -241,16 +249,16 @@ class NativeEngine:
                 if cfg.qk_norm:  # one (H + KV, head_dim) weight: q and k normed in one call
                     L.qk_norm = torch.cat([a.q_norm.weight.expand(cfg.n_heads, -1),
                                            a.k_norm.weight.expand(cfg.n_kv_heads, -1)]).to(dtype)
-                L.o = _Linear(a.o_proj.weight, None, dtype, int8)
-                L.down = _Linear(m.down_proj.weight, None, dtype, int8)
+                L.o = _Linear(a.o_proj.weight, None, dtype, int8, **km)
+                L.down = _Linear(m.down_proj.weight, None, dtype, int8, **km)
                 self.layers.append(L)
                 if consume:  # drop the unpacked block now: peak memory is the model + one layer
                     model.model.layers[i] = torch.nn.Identity()
                     del blk, a, m
             self.norm = model.model.norm.weight.to(dtype)
-            self.embed = _Linear(model.model.embed_tokens.weight, None, dtype, int8, keep_rows=True)
+            self.embed = _Linear(model.model.embed_tokens.weight, None, dtype, int8, keep_rows=True, **km)
             self.lm_head = self.embed if cfg.tie_embeddings else _Linear(model.lm_head.weight, None, dtype, int8,
-                                                                         keep_rows=False)
+                                                                         keep_rows=False, **km)
             # RoPE table for every position (rotate-half layout; the sign of the roll folded into sin).
             hd = cfg.head_dim
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=self.device) / hd))
