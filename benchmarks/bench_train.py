@@ -45,12 +45,18 @@ if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script
     SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
     B, T, DEV = 2, 64, "cpu"
 VARIANTS = {  # name: (what it is, worker settings)
-    "luca": ("luca train's GPU path: compiled model, full-logits CE, flash SDPA", {}),
+    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, BF16 residual stream, "
+             "compiled full-logits CE, SDPA", {}),
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
+    # ablations: luca with one of its GPU-path pieces taken out
+    "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
+    "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
+    "luca-fp32-residual": ("luca with the FP32 residual stream autocast gives", {"bf16_residual": False}),
+    "luca-before": ("luca as it was: no fused GEMMs, FP32 residual stream", {"fuse": False, "bf16_residual": False}),
+    "luca-cudagraphs": ("luca compiled with mode=reduce-overhead (CUDA graphs)", {"mode": "reduce-overhead"}),
     "luca-eager": ("luca without torch.compile", {"compile": False}),
     "luca-chunked": ("luca with the chunked fused-linear CE (memory-friendly path)", {"loss_impl": "chunked"}),
-    "luca-cudnn": ("luca with cuDNN attention instead of FlashAttention-2", {"sdpa": "cudnn"}),
-    "luca-cudagraphs": ("luca compiled with mode=reduce-overhead (CUDA graphs)", {"mode": "reduce-overhead"}),
+    "luca-cudnn": ("luca with cuDNN attention forced", {"sdpa": "cudnn"}),
 }
 
 
@@ -138,7 +144,7 @@ def profile_breakdown(step, n: int = 3) -> dict:
     total = sum(totals.values()) or 1.0
     top.sort(reverse=True)
     return {"gpu_ms_per_step": total / n / 1e3, "shares": {k: round(v / total, 3) for k, v in totals.items()},
-            "top_kernels": [(round(t / n / 1e3, 3), k[:110]) for t, k in top[:15]]}
+            "top_kernels": [(round(t / n / 1e3, 3), k[:110]) for t, k in top[:40]]}
 
 
 # -- workers ------------------------------------------------------------------------------------
@@ -160,6 +166,14 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
                       compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
                       loss_impl=settings.get("loss_impl", "auto"))
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
+    # Ablations: the model compiles on its first call, so switches set here still take effect.
+    if DEV == "cuda":
+        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", False))
+    if not settings.get("fuse", True):
+        for block in raw.model.layers:
+            block.self_attn.fused = block.mlp.fused = False
+    if not settings.get("bf16_residual", True):
+        raw.low_precision_residual = False
     if "mode" in settings:
         model = torch.compile(model, mode=settings["mode"])
     autocast = torch.autocast(DEV, dtype=torch.bfloat16)
@@ -298,7 +312,7 @@ def bench(a) -> None:
             continue
         log(f"-- {name} ({left:.0f} s left)")
         cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
-               "--per-rep", str(a.per_rep)] + (["--profile"] if name == "luca" else [])
+               "--per-rep", str(a.per_rep)] + (["--profile"] if name in a.profiled.split(",") else [])
         results[name] = _worker(cmd, left - 5)
         log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
         _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
@@ -373,6 +387,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--per-rep", type=int, default=20)
+    p.add_argument("--profiled", default="luca", help="variants whose GPU kernels are profiled (comma list)")
     p.add_argument("--out", help="folder for bench.json / bench.md (default: $OUT if set)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)

@@ -19,6 +19,10 @@ What is notable:
   (tokens × vocab) float32 logits are never materialised (`loss_impl = "chunked"`, the default:
   memory-friendly, for CPUs and fine-tuning). `loss_impl = "full"` computes all logits and a plain
   cross-entropy instead, which `torch.compile` fuses into few kernels: the faster path on a GPU.
+- GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up (and,
+  optionally, q/k/v) run as one GEMM, their weights concatenated in the forward pass (the
+  parameters and the checkpoint keep Hugging Face's separate names), and under autocast the
+  residual stream is kept in BF16 instead of FP32 (half the bytes through every norm and add).
 - This module imports torch and nothing of luca.
 """
 from __future__ import annotations
@@ -109,8 +113,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (B, T, D)
-    cos, sin = cos[:, None], sin[:, None]
+    # x: (B, T, H, D), the projections' own layout; cos/sin: (B, T, D)
+    cos, sin = cos[:, :, None], sin[:, :, None]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -147,17 +151,28 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        self.fused = False  # q, k, v as one GEMM (Transformer.set_gpu_training)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if self.fused:
+            # One GEMM instead of three (and one in each backward product). Under torch.compile the
+            # concatenation fuses with the weights' cast to BF16, which autocast makes anyway.
+            lins = (self.q_proj, self.k_proj, self.v_proj)
+            bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
+            qkv = F.linear(x, torch.cat([m.weight for m in lins]), bias)
+            q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # RoPE in the projections' (B, T, H, D) layout, then the transpose (a view) to SDPA's.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -184,9 +199,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.fused = False  # gate and up as one GEMM (Transformer.set_gpu_training)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:  # as Attention's q, k, v
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -224,8 +244,23 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.loss_impl = "chunked"  # or "full": see the module docstring
+        self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
         self.init_rope()
         self.reset_parameters()
+
+    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False) -> None:
+        """Fused gate/up GEMMs and a BF16 residual stream under autocast (luca.train sets it on CUDA,
+        where each measurably pays: benchmarks/bench_train.py). Same parameters and state dict
+        either way. Projections replaced by other modules (LoRA adapters) are left unfused.
+
+        `fuse_qkv` fuses q/k/v too. Off by default: on an H100 the compiled backward then gathers
+        the transposed q, k, v gradients into one buffer in a slow kernel that cost more than the
+        larger GEMM saved (benchmarks/results/bench_train_h100.md)."""
+        self.low_precision_residual = on
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
+            m.fused = on and all(type(p) is nn.Linear for p in (m.gate_proj, m.up_proj))
 
     def init_rope(self) -> None:
         """(Re)build the cos/sin tables for positions 0 … max_seq_len-1 (not saved; call after a meta-device
@@ -261,6 +296,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         x = self.model.embed_tokens(tokens)
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # residual adds then stay in BF16
         if positions is None and start + T <= self.rope_cos.shape[0]:
             cos = self.rope_cos[start:start + T].to(x.dtype).expand(B, T, -1)
             sin = self.rope_sin[start:start + T].to(x.dtype).expand(B, T, -1)

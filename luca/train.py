@@ -13,9 +13,9 @@ What is notable:
   consecutive ones stop training with the last good checkpoint kept. On a CPU (no fused kernel)
   the check is a host read every step, which costs nothing there.
 - Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
-  autocast, fused AdamW, FlashAttention through SDPA, a plain cross-entropy over full logits that
-  the compiler fuses (`loss_impl`), and the next step's micro-batches read and pinned by a thread
-  while the GPU works.
+  autocast with a BF16 residual stream, one GEMM for gate and up, fused AdamW, FlashAttention
+  through SDPA, a plain cross-entropy over full logits that the compiler fuses (`loss_impl`), and
+  the next step's micro-batches read and pinned by a thread while the GPU works.
 - Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
   logged loss is the mean over ranks, metrics are written by rank 0.
 - Checkpoints (`train_state/`) hold full FP32 weights and optimizer state keyed by parameter name
@@ -313,6 +313,8 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.reset_parameters(seed=cfg.seed)
     raw.to(device)
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "full" if device.type == "cuda" else "chunked"
+    if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
+        trunk.set_gpu_training()  # one GEMM for gate and up, a BF16 residual stream (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)

@@ -112,6 +112,29 @@ def test_chunked_loss_equals_plain_cross_entropy():
     assert m.lm_head.weight.grad is not None
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_gpu_training_switches_keep_the_function(flavour):
+    """Fused q/k/v and gate/up GEMMs compute the same network from the same (HF-named) parameters;
+    the BF16 residual stream changes rounding under autocast only."""
+    m = tiny(**FLAVOURS[flavour])
+    keys = list(m.state_dict())
+    x = torch.randint(0, 300, (2, 37))
+    with torch.no_grad():
+        ref = m(x)
+        m.set_gpu_training(True, fuse_qkv=True)
+        assert all(b.self_attn.fused and b.mlp.fused for b in m.model.layers)
+        assert (m(x) - ref).abs().max().item() <= 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x).float()
+        assert (low - ref).norm() / ref.norm() < 5e-2
+    assert list(m.state_dict()) == keys
+    y = torch.randint(0, 300, (2, 37))
+    m(x, y).backward()
+    assert all(p.grad is not None for p in m.parameters())
+    m.set_gpu_training(False)
+    assert not any(b.self_attn.fused or b.mlp.fused for b in m.model.layers)
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         ModelConfig(n_heads=6, n_kv_heads=4)

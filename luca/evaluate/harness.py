@@ -216,10 +216,10 @@ def forward_selected(model: Transformer, tokens: torch.Tensor, positions: torch.
     v = a.v_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q, k = a.q_norm(q), a.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     qcos = cos.gather(1, qcol[..., None].expand(B, Q, cos.shape[-1]))
     qsin = sin.gather(1, qcol[..., None].expand(B, Q, sin.shape[-1]))
-    q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)  # (B, T, H, D), as luca.model's Attention
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     qmask = mask.gather(2, qcol[:, None, :, None].expand(B, 1, Q, T))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=qmask, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
     xq = x.gather(1, qcol[..., None].expand(B, Q, x.shape[-1]))
