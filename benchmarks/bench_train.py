@@ -45,14 +45,13 @@ if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script
     SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
     B, T, DEV = 2, 64, "cpu"
 VARIANTS = {  # name: (what it is, worker settings)
-    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, BF16 residual stream, "
-             "compiled full-logits CE, SDPA", {}),
+    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, compiled full-logits CE, SDPA", {}),
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
-    # ablations: luca with one of its GPU-path pieces taken out
+    # ablations: luca with one of its GPU-path pieces taken out or added
     "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
-    "luca-fp32-residual": ("luca with the FP32 residual stream autocast gives", {"bf16_residual": False}),
-    "luca-before": ("luca as it was: no fused GEMMs, FP32 residual stream", {"fuse": False, "bf16_residual": False}),
+    "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
+    "luca-before": ("luca before the fused gate/up GEMM", {"fuse": False}),
     "luca-cudagraphs": ("luca compiled with mode=reduce-overhead (CUDA graphs)", {"mode": "reduce-overhead"}),
     "luca-eager": ("luca without torch.compile", {"compile": False}),
     "luca-chunked": ("luca with the chunked fused-linear CE (memory-friendly path)", {"loss_impl": "chunked"}),
@@ -172,8 +171,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False
-    if not settings.get("bf16_residual", True):
-        raw.low_precision_residual = False
+    if settings.get("bf16_residual"):
+        raw.low_precision_residual = True
     if "mode" in settings:
         model = torch.compile(model, mode=settings["mode"])
     autocast = torch.autocast(DEV, dtype=torch.bfloat16)

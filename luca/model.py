@@ -21,8 +21,8 @@ What is notable:
   cross-entropy instead, which `torch.compile` fuses into few kernels: the faster path on a GPU.
 - GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up (and,
   optionally, q/k/v) run as one GEMM, their weights concatenated in the forward pass (the
-  parameters and the checkpoint keep Hugging Face's separate names), and under autocast the
-  residual stream is kept in BF16 instead of FP32 (half the bytes through every norm and add).
+  parameters and the checkpoint keep Hugging Face's separate names); optionally the residual
+  stream is kept in BF16 under autocast instead of FP32 (half the bytes through norms and adds).
 - This module imports torch and nothing of luca.
 """
 from __future__ import annotations
@@ -248,15 +248,19 @@ class Transformer(nn.Module):
         self.init_rope()
         self.reset_parameters()
 
-    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False) -> None:
-        """Fused gate/up GEMMs and a BF16 residual stream under autocast (luca.train sets it on CUDA,
-        where each measurably pays: benchmarks/bench_train.py). Same parameters and state dict
-        either way. Projections replaced by other modules (LoRA adapters) are left unfused.
+    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False, bf16_residual: bool = False) -> None:
+        """Fused gate/up GEMMs, optionally a BF16 residual stream under autocast (luca.train sets it on
+        CUDA: benchmarks/bench_train.py). Same parameters and state dict either way. Projections
+        replaced by other modules (LoRA adapters) are left unfused.
+
+        `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
+        off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
+        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22).
 
         `fuse_qkv` fuses q/k/v too. Off by default: on an H100 the compiled backward then gathers
         the transposed q, k, v gradients into one buffer in a slow kernel that cost more than the
         larger GEMM saved (benchmarks/results/bench_train_h100.md)."""
-        self.low_precision_residual = on
+        self.low_precision_residual = on and bf16_residual
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))

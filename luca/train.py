@@ -13,7 +13,7 @@ What is notable:
   consecutive ones stop training with the last good checkpoint kept. On a CPU (no fused kernel)
   the check is a host read every step, which costs nothing there.
 - Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
-  autocast with a BF16 residual stream, one GEMM for gate and up, fused AdamW, FlashAttention
+  autocast, one GEMM for gate and up, fused AdamW, FlashAttention
   through SDPA, a plain cross-entropy over full logits that the compiler fuses (`loss_impl`), and
   the next step's micro-batches read and pinned by a thread while the GPU works.
 - Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
@@ -80,6 +80,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     loss_impl: str = "auto"  # auto (full on CUDA, chunked elsewhere) | full | chunked
     activation_checkpointing: bool = False
+    bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -314,7 +315,7 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.to(device)
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "full" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
-        trunk.set_gpu_training()  # one GEMM for gate and up, a BF16 residual stream (luca/model.py)
+        trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)

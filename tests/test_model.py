@@ -121,8 +121,8 @@ def test_gpu_training_switches_keep_the_function(flavour):
     x = torch.randint(0, 300, (2, 37))
     with torch.no_grad():
         ref = m(x)
-        m.set_gpu_training(True, fuse_qkv=True)
-        assert all(b.self_attn.fused and b.mlp.fused for b in m.model.layers)
+        m.set_gpu_training(True, fuse_qkv=True, bf16_residual=True)
+        assert all(b.self_attn.fused and b.mlp.fused for b in m.model.layers) and m.low_precision_residual
         assert (m(x) - ref).abs().max().item() <= 1e-5
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = m(x).float()

@@ -316,6 +316,8 @@ def load_task(name: str, file: Path | None = None, data_dir: str | Path | None =
               limit: int | None = None) -> TaskData:
     """Read a task's file (given, or found under `data_dir`); keep the first `limit` items."""
     task = TASKS[name]
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise LucaError(f"{name}: limit should be a positive number of items, got {limit!r}")
     if file is None:
         if data_dir is None:
             raise LucaError(f"{name}: no data file (give --data-dir DIR or {name}=FILE)")
