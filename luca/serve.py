@@ -34,6 +34,7 @@ from luca.scheduler import Backend, open_backend
 
 WEB_DIR = Path(str(resources.files("luca") / "web"))
 MAX_BODY = 1 << 20  # 1 MiB: far above any prompt that fits a compact model's context
+DRAIN_FACTOR = 16  # a body up to 16 × max_body is read to its end (and dropped) before the 413
 MAX_WAITING = 256  # requests queued beyond the running batch; more are turned away with 503
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
@@ -423,16 +424,16 @@ class BodyLimit:
         except ValueError:
             declared = 0
         if declared > self.limit:
-            return await self._too_large(send)
+            return await self._too_large(receive, send, 0, declared)
         body, more = bytearray(), True
         while more:  # read it all here, so a body without Content-Length is bounded too
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
             body += msg.get("body", b"")
-            if len(body) > self.limit:
-                return await self._too_large(send)
             more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large(receive, send, len(body), declared, more)
         sent = False
 
         async def replay():
@@ -444,7 +445,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send):
+    async def _too_large(self, receive, send, seen: int, declared: int, more: bool = True):
+        # Read (and drop) the rest of a moderately large body before answering: closing with unread
+        # bytes makes the kernel reset the connection, and the client would never see the 413.
+        # Past DRAIN_FACTOR × limit the connection is just closed after the answer.
+        while more and max(seen, declared) <= DRAIN_FACTOR * self.limit:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            seen += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
         data = json.dumps(_error_body(f"request body is larger than {self.limit} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
