@@ -39,10 +39,6 @@ from luca.tokenizer import Tokenizer
 
 QUANTS = (None, "int8", "int8-dynamic")
 FUSE_MAX_BYTES = 1 << 30  # above this, fusing Q/K/V and gate/up would double the weights' memory
-# MKL's FP32 matrix-vector product streams a weight stored (in, out) about 1.5x faster than one stored
-# (out, in) once the weights no longer sit in L2 (nano-n1 decode: 17 MB of weights per token, 2.4 ms
-# → 1.1 ms for its matmuls on 2 AMD EPYC cores); for BF16 the usual layout is as fast or faster.
-K_MAJOR_FP32 = True
 
 
 @dataclass
@@ -111,7 +107,7 @@ class _Linear:
         self.fbgemm = None
         if mode is None:
             self.w = w.to(dtype)
-            if k_major:  # stored (in, out), used as its (out, in) view: see K_MAJOR_FP32
+            if k_major:  # stored (in, out), used as its (out, in) view: see NativeEngine
                 self.w = self.w.t().contiguous().t()
             return
         self.w, scale = _quantize_rows(w)
@@ -236,8 +232,11 @@ class NativeEngine:
                 or dtype != p0.dtype  # a converted copy is made anyway: fuse it
         self.fused = fuse
         cfg = self.cfg
-        km = dict(k_major=fuse and dtype == torch.float32 and self.device.type == "cpu" and K_MAJOR_FP32
-                  and not int8)
+        # MKL's FP32 matrix-vector product streams a weight stored (in, out) about 1.5x faster than one
+        # stored (out, in) once the weights no longer sit in L2 (nano-n1 decode: 17 MB of weights per
+        # token, 2.4 → 1.1 ms for its matmuls on 2 AMD EPYC cores); for BF16 the usual layout is as fast
+        # or faster. Only where a copy is made anyway (fused engines).
+        km = dict(k_major=fuse and dtype == torch.float32 and self.device.type == "cpu" and not int8)
         with torch.inference_mode():
             self.layers = []
             for i in range(len(model.model.layers)):

@@ -13,9 +13,9 @@ What is notable:
   consecutive ones stop training with the last good checkpoint kept. On a CPU (no fused kernel)
   the check is a host read every step, which costs nothing there.
 - Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
-  autocast, one GEMM for gate and up, fused AdamW, FlashAttention
-  through SDPA, a plain cross-entropy over full logits that the compiler fuses (`loss_impl`), and
-  the next step's micro-batches read and pinned by a thread while the GPU works.
+  autocast, one GEMM for gate and up, fused AdamW, FlashAttention through SDPA, a plain
+  cross-entropy over full logits that the compiler fuses (`loss_impl`), and the next step's
+  micro-batches read and pinned by a thread while the GPU works.
 - Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
   logged loss is the mean over ranks, metrics are written by rank 0.
 - Checkpoints (`train_state/`) hold full FP32 weights and optimizer state keyed by parameter name

@@ -259,12 +259,7 @@ def test_gguf_and_adapter_files_stay_in_the_run_directory(tmp_path):
                                     "/web/%2e%2e%2fserve.py", "/web//etc/passwd", "/web/..\\..\\serve.py",
                                     "/web/%00", "/../../etc/passwd", "//etc/passwd", "/web/app.js%00.html"])
 def test_server_static_files_cannot_escape(served_app, target):
-    s = socket.create_connection(("127.0.0.1", served_app.port), timeout=30)
-    s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    s.close()
+    data = served_app.get(target)
     status = int(data.split(b" ", 2)[1])
     assert status in (400, 404, 405), data[:300]
     assert b"def create_app" not in data and b"root:" not in data

@@ -332,6 +332,4 @@ def load_task(name: str, file: Path | None = None, data_dir: str | Path | None =
     labels = _labels_beside(file) if name in ("piqa", "winogrande") else None
     if labels is not None:
         files.append({"path": str(labels.resolve()), "sha256": sha256_file(labels)})
-    if limit is not None:
-        docs = docs[:limit]
     return TaskData(task, docs, files, limit)
