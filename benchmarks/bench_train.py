@@ -6,11 +6,12 @@ One run (under 10 minutes on an H100) measures, in this order:
    read, stack and pin one micro-batch, against the step time;
 3. training steps at the GPT-2-small shape (12 layers, width 768, 12 heads, sequence 1024,
    micro-batch 12, vocab 50304, BF16 autocast, AdamW, grad clip 1.0) on random tokens, each
-   variant in its own process: luca through the same `build` / `train_step` as `luca train`
-   (whole-model `torch.compile`, fused AdamW with on-device step skipping, FlashAttention through
-   SDPA, fused full-logits cross-entropy), a few luca variants, and the peer: transformers'
-   `LlamaForCausalLM` with SDPA attention, fused AdamW and `torch.compile`. Warm-up steps (and
-   the compilation) are excluded; each timing is a CUDA-synchronised wall clock over many steps.
+   variant in its own process: luca through the same `build` / `Stepper` as `luca train`
+   (whole-model `torch.compile`, fused AdamW with the clip folded in and on-device step skipping,
+   FlashAttention through SDPA, fused full-logits cross-entropy, the whole step replayed as one
+   CUDA graph), a few luca variants, and the peer: transformers' `LlamaForCausalLM` with SDPA
+   attention, fused AdamW and `torch.compile`. Warm-up steps (and the compilation and capture)
+   are excluded; each timing is a CUDA-synchronised wall clock over many steps.
 
 MFU counts 6·N FLOPs per token for the N parameters that take part in matrix products (the tied
 embedding once, as the output projection) plus 12·L·d·T for attention scores and values (forward
@@ -19,7 +20,8 @@ and backward, without a causal discount: the PaLM / nanoGPT convention), over th
 Modes: `python benchmarks/bench_train.py [--data DIR]` (the table);
 `python benchmarks/bench_train.py --scaling [--no-optimize-ddp]` (on a machine with ≥ 2 GPUs: one
 GPU, then all of them through torchrun + DDP, and the scaling efficiency); `--variant NAME` and
-`--dist` are the worker modes those use. `BENCH_SMOKE=1` runs a tiny shape on the CPU to check the
+`--dist` are the worker modes those use. `--check-graph` trains the same model from the same seed
+with and without the CUDA graph and prints how far the losses and weights drift. `BENCH_SMOKE=1` runs a tiny shape on the CPU to check the
 plumbing (it measures nothing).
 """
 from __future__ import annotations
@@ -51,11 +53,17 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
     "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
-    "luca-before": ("luca before the fused gate/up GEMM", {"fuse": False}),
-    "luca-cudagraphs": ("luca compiled with mode=reduce-overhead (CUDA graphs)", {"mode": "reduce-overhead"}),
+    "luca-cudagraphs": ("luca compiled with mode=reduce-overhead instead of the whole-step graph",
+                        {"mode": "reduce-overhead", "graph": False}),
     "luca-eager": ("luca without torch.compile", {"compile": False}),
     "luca-chunked": ("luca with the chunked fused-linear CE (memory-friendly path)", {"loss_impl": "chunked"}),
     "luca-cudnn": ("luca with cuDNN attention forced", {"sdpa": "cudnn"}),
+    "luca-flash": ("luca with the flash SDPA kernel forced", {"sdpa": "flash"}),
+    "luca-no-graph": ("luca without the CUDA graph of the whole step (train.cuda_graph = false)", {"graph": False}),
+    "luca-unfolded": ("luca without the CUDA graph and with clip_grad_norm_ (the previous default)",
+                      {"fold_clip": False}),
+    "luca-cdt": ("luca with inductor coordinate-descent tuning", {"inductor": {"coordinate_descent_tuning": True}}),
+    "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
 }
 
 
@@ -119,13 +127,23 @@ def time_steps(step, warmup: int, reps: int, per_rep: int) -> dict:
     return {"ms_per_step": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), "first_step_s": first}
 
 
-def profile_breakdown(step, n: int = 3) -> dict:
+def profile_breakdown(step, n: int = 3, name: str = "luca") -> dict:
     """Share of GPU kernel time by kind over n steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
         for i in range(n):
             step(i)
         sync()
+    gaps = None
+    if os.environ.get("OUT") and DEV == "cuda":
+        import gzip
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            gaps = gpu_gaps(json.load(open(path)), n)
+            with open(path, "rb") as f, gzip.open(os.path.join(os.environ["OUT"], f"trace_{name}.json.gz"), "wb") as g:
+                g.writelines(f)
     kinds = {"attention": ("flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma", "mm_"),
              "optimizer": ("adam", "multi_tensor"),
@@ -143,7 +161,29 @@ def profile_breakdown(step, n: int = 3) -> dict:
     total = sum(totals.values()) or 1.0
     top.sort(reverse=True)
     return {"gpu_ms_per_step": total / n / 1e3, "shares": {k: round(v / total, 3) for k, v in totals.items()},
-            "top_kernels": [(round(t / n / 1e3, 3), k[:110]) for t, k in top[:40]]}
+            "top_kernels": [(round(t / n / 1e3, 3), k[:110]) for t, k in top[:40]], "gaps": gaps}
+
+
+def gpu_gaps(trace: dict, n: int) -> dict:
+    """Idle time between consecutive GPU kernels/copies in a chrome trace, and where the largest gaps are."""
+    ev = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
+                 and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not ev:
+        return {}
+    busy_end, idle, big = ev[0]["ts"] + ev[0]["dur"], 0.0, []
+    small = 0
+    for a, b in zip(ev, ev[1:]):
+        gap = b["ts"] - busy_end
+        if gap > 0:
+            idle += gap
+            if gap < 5:
+                small += 1
+            big.append((round(gap, 1), a["name"][:60], b["name"][:60]))
+        busy_end = max(busy_end, b["ts"] + b["dur"])
+    big.sort(reverse=True)
+    span = busy_end - ev[0]["ts"]
+    return {"kernels_per_step": len(ev) / n, "span_ms_per_step": span / n / 1e3, "idle_ms_per_step": idle / n / 1e3,
+            "gaps_under_5us": small / n, "largest": big[:25]}
 
 
 # -- workers ------------------------------------------------------------------------------------
@@ -159,11 +199,12 @@ def random_batches(n: int, device) -> list[torch.Tensor]:
 def luca_step_fn(settings: dict, device, max_accum: int = 1):
     from luca.distributed import init_distributed
     from luca.model import ModelConfig
-    from luca.train import BadSteps, TrainConfig, build, train_step
+    from luca.step import BadSteps, Stepper
+    from luca.train import TrainConfig, build
     dd = init_distributed(device)
     cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world, lr=6e-4,
                       compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
-                      loss_impl=settings.get("loss_impl", "auto"))
+                      loss_impl=settings.get("loss_impl", "auto"), cuda_graph=settings.get("graph", True))
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
@@ -173,19 +214,47 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
+    for k, v in settings.get("inductor", {}).items():
+        setattr(torch._inductor.config, k, v)
     if "mode" in settings:
         model = torch.compile(model, mode=settings["mode"])
     autocast = torch.autocast(DEV, dtype=torch.bfloat16)
+    stepper = Stepper(model, raw, opt, 1.0, autocast, dd.world, cfg.fsdp, cfg.cuda_graph, log)
+    if not settings.get("fold_clip", True):
+        stepper.fold_clip = stepper.graph_wanted = False
     bad = BadSteps(device, cfg.max_bad_steps)
     data = random_batches(max(8, max_accum), device)
 
     def step(i: int, accum: int = 1):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr
         micro = [data[(i * accum + m) % len(data)] for m in range(accum)]
-        _, _, ok = train_step(model, raw, opt, micro, 1.0, autocast, dd.world)
+        _, _, ok = stepper(micro, cfg.lr)
         bad.record(ok)
     return step, raw.num_parameters(), dd
+
+
+def check_graph(steps: int = 12) -> dict:
+    """Same seed, same data, same learning rates: the step as a CUDA graph against the step without."""
+    from luca.model import ModelConfig
+    from luca.step import Stepper
+    from luca.train import TrainConfig, build
+    from luca.distributed import Dist
+    device = _device()
+    data = random_batches(steps, device)
+    runs = {}
+    for graph in (False, True):
+        torch._dynamo.reset()
+        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=DEV == "cuda", seed=7)
+        raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
+        stepper = Stepper(model, raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False, graph, log)
+        losses = []
+        for i in range(steps):
+            loss, gnorm, ok = stepper([data[i]], 6e-4 * (i + 1) / steps)
+            losses.append(float(loss))
+        runs[graph] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
+    (l0, p0, _), (l1, p1, captured) = runs[False], runs[True]
+    return {"captured": captured, "steps": steps, "losses_eager": l0, "losses_graph": l1,
+            "max_loss_diff": max(abs(a - b) for a, b in zip(l0, l1)),
+            "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(p0, p1))}
 
 
 def hf_step_fn(device):
@@ -239,7 +308,7 @@ def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool) 
             step, n, _ = luca_step_fn(settings, device)
         res = time_steps(step, warmup, reps, per_rep)
         if profile:
-            res["profile"] = profile_breakdown(step)
+            res["profile"] = profile_breakdown(step, name=name)
     res.update(variant=name, params=n, tokens_per_step=B * T,
                max_memory_gib=_peak_gib(device))
     return res
@@ -247,10 +316,10 @@ def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool) 
 
 def _sdpa_context(kind):
     from contextlib import nullcontext
-    if kind != "cudnn":
+    if kind is None:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kind]])
 
 
 def run_dist(accums: list[int], warmup: int, reps: int, per_rep: int) -> list[dict]:
@@ -342,6 +411,10 @@ def bench(a) -> None:
                   + ", ".join(f"{k} {v:.0%}" for k, v in prof["shares"].items()))
         for t, k in prof["top_kernels"][:8]:
             con.print(f"  {t:7.3f} ms  {k}")
+        gaps = prof.get("gaps") or {}
+        if gaps:
+            con.print(f"GPU timeline: {gaps['kernels_per_step']:.0f} kernels/step, span {gaps['span_ms_per_step']:.2f} "
+                      f"ms/step, idle {gaps['idle_ms_per_step']:.2f} ms/step; largest gaps (µs): {gaps['largest'][:6]}")
     if loader:
         step_ms = results.get("luca", {}).get("ms_per_step")
         share = f" = {loader['loader_ms_per_micro_batch'] / step_ms:.2%} of luca's step" if step_ms else ""
@@ -392,6 +465,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scaling", action="store_true", help="1 GPU vs all GPUs of the machine (DDP)")
+    p.add_argument("--check-graph", action="store_true", help="the CUDA-graph step against the ordinary one")
     p.add_argument("--accums", default="1,4", help="micro-batches per rank per step, for --scaling")
     p.add_argument("--no-optimize-ddp", action="store_true",
                    help="--scaling: compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
@@ -400,7 +474,14 @@ def main() -> None:
         os.environ["BENCH_NO_OPTIMIZE_DDP"] = "1"
     if DEV == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
-    if a.variant:
+    if a.check_graph:
+        r = check_graph()
+        print(f"CUDA graph check: captured {r['captured']}, max loss difference {r['max_loss_diff']:.2e}, "
+              f"max weight difference {r['max_weight_diff']:.2e} over {r['steps']} steps")
+        print("losses eager:", " ".join(f"{x:.4f}" for x in r["losses_eager"]))
+        print("losses graph:", " ".join(f"{x:.4f}" for x in r["losses_graph"]))
+        _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph.json", r)
+    elif a.variant:
         print("RESULT " + json.dumps(run_variant(a.variant, a.warmup, a.reps, a.per_rep, a.profile)), flush=True)
     elif a.dist:
         runs = run_dist([int(x) for x in a.accums.split(",")], a.warmup, a.reps, a.per_rep)

@@ -334,7 +334,8 @@ def _finetune_args(p):
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
     p.add_argument("--targets", help="all, or a subset of q,k,v,o,gate,up,down")
     p.add_argument("--qlora", action="store_true", default=None, help="4-bit NF4 base weights (bitsandbytes)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block (GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block (default: on CUDA)")
     p.add_argument("--merge", action="store_true", default=None, help="also write the merged BF16 model")
     p.add_argument("--system", help="default system prompt, stored in the run's chat template")
     p.add_argument("--no-pack", dest="pack", action="store_false", default=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from luca.errors import LucaError
 
@@ -91,6 +91,9 @@ def build(cls: type, values: dict, section: str) -> Any:
 
 
 def _coerce(v: Any, hint: Any, where: str) -> Any:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if len(args) == 1 and len(get_args(hint)) == 2:  # `T | None`: TOML has no null, so a value is a T
+        return None if v is None else _coerce(v, args[0], where)
     origin = getattr(hint, "__origin__", None)
     if hint is bool:
         if isinstance(v, bool):

@@ -7,14 +7,15 @@ What is notable:
   into the same samples a single process would see (rank r takes its own micro-batches).
 - The token batch size `batch_tokens` is reached by gradient accumulation: accum = batch_tokens /
   (micro_batch · seq_len · world). BF16 autocast on CUDA and on CPU (≈2× FP32 on AMX CPUs).
-- No host syncs in the step on a GPU: loss and grad-norm are read back only at log steps, and a
-  step with non-finite loss or gradients is skipped on the device (the fused AdamW kernel's
-  `found_inf` input), counted there, and checked at log and save steps; `max_bad_steps`
-  consecutive ones stop training with the last good checkpoint kept. On a CPU (no fused kernel)
-  the check is a host read every step, which costs nothing there.
+- The step itself (luca/step.py) has no host syncs on a GPU: loss and grad-norm are read back
+  only at log steps, and a step with non-finite loss or gradients is skipped on the device,
+  counted there, and checked at log and save steps; `max_bad_steps` consecutive ones stop
+  training with the last good checkpoint kept. On a CPU (no fused kernel) the check is a host
+  read every step, which costs nothing there.
 - Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
-  autocast, one GEMM for gate and up, fused AdamW, FlashAttention through SDPA, a plain
-  cross-entropy over full logits that the compiler fuses (`loss_impl`), and the next step's
+  autocast, one GEMM for gate and up, fused AdamW with the clip folded in, FlashAttention through
+  SDPA, a plain cross-entropy over full logits that the compiler fuses (`loss_impl`), the whole
+  step replayed as one CUDA graph on a single GPU (`cuda_graph`), and the next step's
   micro-batches read and pinned by a thread while the GPU works.
 - Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
   logged loss is the mean over ranks, metrics are written by rank 0.
@@ -30,12 +31,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +43,16 @@ import torch
 
 from luca import rundir
 from luca.atomic import atomic_path, write_text
-from luca.distributed import (Dist, all_mean, barrier, full_state, init_distributed, load_full_state, local,
-                              pick_device, sync_context, unwrap, wrap)
+from luca.distributed import (Dist, all_mean, barrier, full_state, init_distributed, load_full_state, pick_device,
+                              unwrap, wrap)
 from luca.errors import LucaError
 from luca.model import ModelConfig, Transformer
 from luca.optim import adamw, lr_at
+from luca.step import BadSteps, Stepper, train_step
 from luca.tokenizer import Tokenizer
 
-__all__ = ["TrainConfig", "train", "Dist", "init_distributed", "pick_device", "Batches", "build", "train_step"]
+__all__ = ["TrainConfig", "train", "Dist", "init_distributed", "pick_device", "Batches", "build", "train_step",
+           "Stepper"]
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TrainConfig:
     loss_impl: str = "auto"  # auto (full on CUDA, chunked elsewhere) | full | chunked
     activation_checkpointing: bool = False
     bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
+    cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -249,14 +252,14 @@ def _reason(e: BaseException) -> str:
 
 
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    flags = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+    flags = [(g.get("fused"), g.get("foreach"), g.get("capturable")) for g in opt.param_groups]
     if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an index-keyed checkpoint of luca ≤ 0.1
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     else:
         load_full_state(model, opt, state["model"], state["optimizer"])
-    for g, (fused, foreach) in zip(opt.param_groups, flags):  # this device's kernels, not the saver's
-        g["fused"], g["foreach"] = fused, foreach
+    for g, (fused, foreach, capturable) in zip(opt.param_groups, flags):  # this device's kernels, not the saver's
+        g["fused"], g["foreach"], g["capturable"] = fused, foreach, capturable
 
 
 def _sha256(p: Path) -> str:
@@ -320,60 +323,6 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
     return raw, model, opt
-
-
-def train_step(model: torch.nn.Module, raw: Transformer, opt: torch.optim.Optimizer,
-               micro_batches: list[torch.Tensor], grad_clip: float, autocast, world: int = 1):
-    """Forward, backward, clip and update over one step's micro-batches (each (B, T+1) token ids).
-
-    Returns device tensors (summed micro-batch loss, gradient norm, whether the step was taken)
-    without reading anything back when the optimizer is fused; otherwise `ok` is read to skip."""
-    accum = len(micro_batches)
-    loss_sum = torch.zeros((), device=micro_batches[0].device)
-    for i, batch in enumerate(micro_batches):
-        with sync_context(model, i == accum - 1):
-            with autocast:
-                loss = model(batch[:, :-1], batch[:, 1:])
-            (loss / accum).backward()
-        loss_sum += loss.detach()
-    gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else 1e30))
-    # Gradients are all-reduced, so the norm is the same on every rank; a rank's own loss is not, and
-    # ranks must agree on the skip. A non-finite loss makes non-finite gradients anyway.
-    ok = torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
-    if all(g.get("fused") for g in opt.param_groups):
-        opt.found_inf = (~ok).float()  # the fused kernel leaves weights and moments alone when set
-        opt.step()
-    elif bool(ok):
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss_sum, gnorm, ok
-
-
-class BadSteps:
-    """Skipped-step counters kept on the device; `check` reads them back (a host sync)."""
-
-    def __init__(self, device: torch.device, limit: int, total: int = 0):
-        self.streak = torch.zeros((), dtype=torch.int64, device=device)
-        self.worst = torch.zeros((), dtype=torch.int64, device=device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.limit, self.total = limit, total
-
-    def record(self, ok: torch.Tensor) -> None:
-        self.streak = torch.where(ok, 0, self.streak + 1)
-        self.worst = torch.maximum(self.worst, self.streak)
-        self.count += (~ok).long()
-
-    def check(self, step: int, run_dir: Path, say) -> None:
-        new, worst, streak = (int(v) for v in torch.stack([self.count, self.worst, self.streak]).tolist())
-        if new:
-            self.total += new
-            self.count.zero_()
-            say(f"step {step}: {new} step(s) with non-finite loss or gradient skipped ({streak} in a row now)")
-        if worst >= self.limit:
-            raise LucaError(f"training stopped at step {step}: {worst} consecutive steps with non-finite loss or "
-                            f"gradients (train.max_bad_steps); the last good checkpoint is kept in "
-                            f"{run_dir / rundir.TRAIN_STATE}")
-        self.worst.copy_(self.streak)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -456,6 +405,7 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     bar = _Progress(progress and dd.main, cfg.max_steps, start_step)
     bad = BadSteps(device, cfg.max_bad_steps, bad_total)
     check_every_step = not all(g.get("fused") for g in opt.param_groups)  # skipping already read `ok`
+    stepper = Stepper(model, raw_model, opt, cfg.grad_clip, autocast, dd.world, cfg.fsdp, cfg.cuda_graph, say)
     t0 = time.perf_counter()
     t_log, tokens_at_log = t0, 0
     val_bpb = float("nan")
@@ -466,10 +416,8 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
                        cfg.decay_fraction)
-            for g in opt.param_groups:
-                g["lr"] = lr
             micro_batches = loader.get(step, cfg.max_steps)
-            loss_sum, gnorm, ok = train_step(model, raw_model, opt, micro_batches, cfg.grad_clip, autocast, dd.world)
+            loss_sum, gnorm, ok = stepper(micro_batches, lr)
             bad.record(ok)
             done = step + 1
             log = done % cfg.log_every == 0 or done == cfg.max_steps

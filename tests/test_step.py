@@ -1,0 +1,74 @@
+"""The training step: the clip folded into fused AdamW equals clip_grad_norm_, skips stay skips."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from luca.model import ModelConfig, Transformer
+from luca.step import BadSteps, Stepper, train_step
+
+CFG = ModelConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32)
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+def _pair():
+    torch.manual_seed(0)
+    a = Transformer(CFG)
+    a.loss_impl = "full"
+    b = copy.deepcopy(a)
+    return (a, torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)), \
+           (b, torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True))
+
+
+def test_folded_clip_matches_clip_grad_norm():
+    (m1, o1), (m2, o2) = _pair()
+    g = torch.Generator().manual_seed(1)
+    clipped = 0
+    for _ in range(6):
+        batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(2)]
+        l1, n1, ok1 = train_step(m1, m1, o1, batches, 0.05, NO_AUTOCAST)
+        l2, n2, ok2 = train_step(m2, m2, o2, batches, 0.05, NO_AUTOCAST, fold_clip=True)
+        assert bool(ok1) and bool(ok2)
+        assert torch.allclose(l1, l2, rtol=1e-5) and torch.allclose(n1, n2, rtol=1e-4)
+        clipped += float(n1) > 0.05
+    assert clipped >= 5  # the clip was active, so the fold had something to do
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert (p1 - p2).abs().max().item() < 1e-5
+
+
+def test_folded_clip_skips_a_non_finite_step():
+    (m, opt), _ = _pair()
+    batch = [torch.randint(0, 256, (2, 33))]
+    train_step(m, m, opt, batch, 1.0, NO_AUTOCAST, fold_clip=True)  # moments exist from here on
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in m.parameters()]
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    _, gnorm, ok = train_step(m, m, opt, batch, 1.0, NO_AUTOCAST, fold_clip=True)
+    assert not bool(ok) and not torch.isfinite(gnorm)
+    after = m.state_dict()
+    for k, v in before.items():
+        if k != "model.layers.0.mlp.down_proj.weight":
+            assert torch.equal(v, after[k]), k
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(moments, m.parameters()))
+    bad = BadSteps(torch.device("cpu"), limit=3)
+    bad.record(ok)
+    assert int(bad.count) == 1 and int(bad.streak) == 1
+
+
+def test_stepper_without_cuda_runs_ordinary_steps():
+    (m, opt), (ref, ref_opt) = _pair()
+    stepper = Stepper(m, m, opt, 1.0, NO_AUTOCAST, world=1, fsdp=False, cuda_graph=True)
+    assert stepper.fold_clip and not stepper.graph_wanted  # fused AdamW, but no CUDA device
+    g = torch.Generator().manual_seed(2)
+    for i in range(4):
+        batch = [torch.randint(0, 256, (2, 33), generator=g)]
+        lr = 1e-3 * (i + 1)
+        stepper(batch, lr)
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        train_step(ref, ref, ref_opt, batch, 1.0, NO_AUTOCAST, fold_clip=True)
+        assert opt.param_groups[0]["lr"] == lr
+    assert stepper.graph is None
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
