@@ -31,6 +31,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/luca_gpu_check")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
+    p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
     a = p.parse_args()
     import torch
@@ -54,17 +56,19 @@ def main() -> None:
     tc = dict(seq_len=512, micro_batch=32, batch_tokens=32768, max_steps=a.steps, lr=2e-3, warmup_steps=30,
               schedule="wsd", eval_every=100, eval_batches=16, save_every=a.steps // 2, log_every=25,
               compile=True, seed=3)
+    tc["log_every"] = 10
     ft_steps = 60
     if a.smoke:
         mc = ModelConfig(vocab_size=4096, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=512)
         tc.update(micro_batch=2, batch_tokens=1024, max_steps=6, save_every=3, eval_every=3, eval_batches=2,
                   log_every=1, compile=False, warmup_steps=1)
         a.steps, ft_steps = 6, 4
-    rows = {}
+    rows, curves = {}, {}
 
     def run(name: str, until_half: bool = False, **over) -> None:
         torch._dynamo.reset()
         out = work / name
+        name = f"{name} seed {over['seed']}" if "seed" in over else name
         cfg = build(TrainConfig, {**tc, **over}, "train")
         t = time.perf_counter()
         if until_half:
@@ -75,14 +79,19 @@ def main() -> None:
             s = train(out, mc, cfg, data_dir, tok, progress=False)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         late = [r["tokens_per_s"] for r in recs if r["step"] > a.steps // 3 and "val_bpb" not in r]
+        curves[name] = [round(r["loss"], 3) for r in recs if "loss" in r]
         rows[name] = {"val_bpb": s["val_bpb"], "final_loss": s["final_train_loss"], "wall_s": time.perf_counter() - t,
                       "tokens_per_s": sorted(late)[len(late) // 2] if late else s["tokens_per_s"],
                       "bad_steps": s["bad_steps"], "max_memory_gib": s.get("max_memory_gib")}
         print(name, json.dumps(rows[name]), flush=True)
 
-    run("train-graph")
-    run("train-no-graph", cuda_graph=False)
-    run("train-graph-resumed", until_half=True)
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        run("train-graph", seed=seed)
+        run("train-no-graph", cuda_graph=False, seed=seed)
+    run("train-no-graph-again", cuda_graph=False, seed=int(a.seeds.split(",")[0]))  # GPU kernels' own spread
+    run("train-graph-resumed", until_half=True, seed=int(a.seeds.split(",")[0]))
+    for name, c in curves.items():
+        print(f"loss every {tc['log_every']} steps, {name}: {' '.join(map(str, c))}")
 
     chats = work / "chats.jsonl"
     rng = random.Random(0)
@@ -91,7 +100,7 @@ def main() -> None:
             x, y = rng.randint(1, 99), rng.randint(1, 99)
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {x} + {y}?"},
                                              {"role": "assistant", "content": f"{x} + {y} = {x + y}."}]}) + "\n")
-    for name, comp in (("finetune-compiled", None), ("finetune-eager", False)):
+    for name, comp in (() if a.no_finetune else (("finetune-compiled", None), ("finetune-eager", False))):
         torch._dynamo.reset()
         cfg = resolve_config(None, {"finetune.max_steps": ft_steps, "finetune.micro_batch": 16,
                                     "finetune.seq_len": 256, "finetune.eval_every": 30, "finetune.log_every": 10},
@@ -109,7 +118,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if out:
-        Path(out, "check_gpu_train.json").write_text(json.dumps({"gpu": gpu, **rows}, indent=2))
+        Path(out, "check_gpu_train.json").write_text(json.dumps({"gpu": gpu, "runs": rows, "loss_curves": curves},
+                                                                 indent=2))
     print(f"\n| run ({gpu}) | val BPB | final loss | tokens/s | wall s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
