@@ -80,7 +80,6 @@ def bpb_worker(engine: str, run: Path, bpb_tokens: int) -> dict:
     all-positions logits are large, and must not inflate the speed rows' peak RSS)."""
     import torch
     from luca import rundir
-    from luca.engine import NativeEngine
     tok = rundir.load_tokenizer(run)
     cfg = rundir.load_model_config(run)
     ids = tok.encode(_heldout_text(run, 8 * bpb_tokens))[:bpb_tokens]
@@ -103,7 +102,7 @@ def bpb_worker(engine: str, run: Path, bpb_tokens: int) -> dict:
 def worker(engine: str, run: Path, n_prompt: int, n_new: int, repeats: int) -> dict:
     import torch
     from luca import rundir
-    from luca.engine import NativeEngine, SamplingConfig
+    from luca.engine import SamplingConfig
     tok = rundir.load_tokenizer(run)
     cfg = rundir.load_model_config(run)
     prompt = _prompt(tok, n_prompt)

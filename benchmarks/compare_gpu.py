@@ -90,17 +90,17 @@ def main() -> int:
     work = Path(a.work or (tempfile.mkdtemp(prefix="luca-compare-smoke-") if a.smoke else "/tmp/luca-compare-gpu"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LUCA_HOME", str(work / "home"))
-    from luca import data as D
+    from luca import sources as S
     from luca.compare import compare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources = [str(stdlib / d) for d in ("json", "email", "http", "logging")] if a.smoke else ["builtin:python"]
     prose = Path(a.prose) if a.prose else ROOT / "benchmarks" / "data"
-    texts = [p for p in prose.rglob("*") if p.is_file() and p.suffix.lower() in D.TEXT_EXTS] if prose.is_dir() else []
+    texts = [p for p in prose.rglob("*") if p.is_file() and p.suffix.lower() in S.TEXT_EXTS] if prose.is_dir() else []
     if texts and not a.smoke:
         # Weights are shares of training characters: give each source its own size, so that neither
         # is repeated nor cut (errors=replace: some public-domain books are Latin-1).
-        code = sum(p.stat().st_size for p in D.builtin_python_files())
+        code = sum(p.stat().st_size for p in S.builtin_python_files())
         words = sum(p.stat().st_size for p in texts)
         sources = [f"builtin:python?weight={code / (code + words):.4f}",
                    f"{prose}?errors=replace&weight={words / (code + words):.4f}"]

@@ -37,7 +37,7 @@ from luca import rundir
 from luca.atomic import atomic_path
 from luca.errors import LucaError
 from luca.model import ModelConfig
-from luca.tokenizer import GGUF_PRE, SPLIT_PATTERN, Tokenizer
+from luca.tokenizer import SPLIT_PATTERN, Tokenizer
 
 # name → (file suffix, llama.cpp ftype name or None when written here)
 TYPES = {

@@ -314,6 +314,7 @@ def test_diagnostics_score_a_hand_case():
 
 def test_synthetic_source_trains_but_never_validates(work):
     from luca import data as D
+    from luca import sources as S
     m = D.collect(D.DataConfig(sources=[str(work / "corpus"), "synthetic:addition?n=400&seed=3"], val_fraction=0.3),
                   work / "mixed", progress=False)
     assert m["sources"][1]["documents"] == 13 and m["documents"]["val"] > 0
@@ -322,6 +323,6 @@ def test_synthetic_source_trains_but_never_validates(work):
     assert not any(sums.search(doc) for doc in D.iter_documents(work / "mixed", "val"))
     assert sum(bool(sums.search(doc)) for doc in D.iter_documents(work / "mixed", "train")) >= 13
     with pytest.raises(LucaError, match="unknown synthetic task"):
-        D.parse_source("synthetic:division")
+        S.parse_source("synthetic:division")
     with pytest.raises(LucaError, match="belong to synthetic"):
-        D.parse_source(f"{work / 'corpus'}?n=3")
+        S.parse_source(f"{work / 'corpus'}?n=3")

@@ -1,4 +1,4 @@
-"""Tests for luca.data: real files in tmp_path, small corpora, a byte tokenizer (fast) and a tiny BPE."""
+"""Tests for luca.data and luca.sources: real files in tmp_path, small corpora, a byte tokenizer (fast) and a tiny BPE."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from luca import data
-from luca.data import (DataConfig, TokenShards, collect, iter_documents, iter_source, parse_source,
-                       tokenize, tokenizer_checksum)
+from luca import data, sources
+from luca.data import DataConfig, TokenShards, collect, iter_documents, tokenize, tokenizer_checksum
+from luca.sources import iter_source, parse_source
 from luca.errors import LucaError
 from luca.tokenizer import EOT, byte_tokenizer, train_bpe
 
@@ -121,7 +121,7 @@ def test_hf_local_save_to_disk(tmp_path):
 
 
 def test_builtin_python_many_docs_no_tests():
-    files = data.builtin_python_files()
+    files = sources.builtin_python_files()
     assert len(files) > 300
     assert files == sorted(set(files))
     for f in files:
@@ -134,7 +134,7 @@ def test_builtin_python_many_docs_no_tests():
     # generated tables are not prose or code worth learning; topics.py is read as prose instead
     assert not names & {"cp1252.py", "mac_roman.py", "koi8_r.py", "topics.py"}, names
     assert not any(n.startswith("_sysconfigdata") for n in names)
-    topics = list(data._read_pydoc_topics())
+    topics = list(sources._read_pydoc_topics())
     assert len(topics) > 50 and topics[0][0].startswith("pydoc_data.topics:")
     assert parse_source("builtin:python").kind == "builtin"
     with pytest.raises(LucaError, match="unknown builtin"):

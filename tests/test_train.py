@@ -61,7 +61,6 @@ def test_resume_is_bitwise_equal(tmp_path):
     assert not (part / "model.safetensors").exists()
     meta = json.loads((part / "train_state" / "meta.json").read_text())
     assert meta["step"] == 10
-    from luca import data as D
     from luca.config import build
     from luca.train import TrainConfig, train
     tok = rundir.load_tokenizer(part)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from luca import data as D
+from luca import sources as S
 from luca.errors import LucaError
 from luca.tokenizer import Tokenizer
 
@@ -53,7 +54,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class ChatSource:
-    source: D.Source
+    source: S.Source
     format: str | None = None  # None: recognised per file by its keys
 
     @property
@@ -93,7 +94,7 @@ def parse_chat_source(spec: str) -> ChatSource:
                 keep.append(part)
         inner = head + ("?" + "&".join(keep) if keep else "")
     try:
-        src = D.parse_source(inner)
+        src = S.parse_source(inner)
     except LucaError as e:
         msg = str(e)
         if "unknown option" in msg:
@@ -115,23 +116,23 @@ def read_examples(cs: ChatSource) -> Iterator[Example]:
     if src.kind == "file":
         files = [Path(src.location)]
     elif src.kind == "dir":
-        every = list(D._walk(Path(src.location)))
-        files = [p for p in every if p.suffix.lower() in D.STRUCTURED_EXTS]
+        every = list(S.walk(Path(src.location)))
+        files = [p for p in every if p.suffix.lower() in S.STRUCTURED_EXTS]
         if not files:
             yield from _text_examples(cs, src)
             return
     else:
         import glob as globlib
         files = sorted(Path(p) for p in globlib.glob(src.location, recursive=True) if os.path.isfile(p))
-        files = [p for p in files if p.suffix.lower() in D.STRUCTURED_EXTS or not D._is_binary(p)]
+        files = [p for p in files if p.suffix.lower() in S.STRUCTURED_EXTS or not S.is_binary(p)]
         if not files:
             raise LucaError(f"{src.spec}: glob matches no text or record files")
     for p in files:
         ext = p.suffix.lower()
         if ext in (".jsonl", ".json"):
-            yield from _convert_all(cs, _json_records(p, src))
+            yield from _convert_all(cs, S.json_records(p, src))
         elif ext == ".parquet":
-            yield from _convert_all(cs, _parquet_records(p, src))
+            yield from _convert_all(cs, S.parquet_rows(p))
         else:
             if cs.format not in (None, "text"):
                 raise LucaError(f"{p}: format={cs.format} needs JSON lines, JSON or Parquet records; "
@@ -139,88 +140,16 @@ def read_examples(cs: ChatSource) -> Iterator[Example]:
             yield from _text_examples(cs, replace(src, kind="file", location=str(p)))
 
 
-def _text_examples(cs: ChatSource, src: D.Source) -> Iterator[Example]:
+def _text_examples(cs: ChatSource, src: S.Source) -> Iterator[Example]:
     if cs.format not in (None, "text"):
         raise LucaError(f"{src.spec}: format={cs.format} needs records (JSON lines, JSON, Parquet or hf:)")
-    for origin, text in D.iter_source(src):
+    for origin, text in S.iter_source(src):
         yield Example(origin, text=D.clean(text)[0])
-
-
-def _json_records(path: Path, src: D.Source) -> Iterator[tuple[str, object]]:
-    with open(path, "rb") as f:
-        is_array = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"[")
-    if is_array and path.suffix.lower() == ".json":
-        try:
-            records = json.loads(D._decode(path.read_bytes(), path, src).lstrip("\ufeff"))
-        except json.JSONDecodeError as e:
-            raise LucaError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-        except RecursionError:
-            raise LucaError(f"{path}: JSON nested too deeply") from None
-        for i, rec in enumerate(records):
-            yield f"{path}[{i}]", rec
-        return
-    for lineno, line in D._lines(path, src):
-        if lineno == 1:
-            line = line.lstrip("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LucaError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise LucaError(f"{path}:{lineno}: JSON nested too deeply") from None
-        yield f"{path}:{lineno}", rec
-
-
-def _parquet_records(path: Path, src: D.Source) -> Iterator[tuple[str, object]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LucaError(f"{path}: reading Parquet needs pyarrow: pip install 'luca[parquet]'") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise LucaError(f"{path}: not a readable Parquet file ({e})") from None
-    row = 0
-    batches = pf.iter_batches(batch_size=4096)
-    while True:
-        try:  # a damaged page shows only when it is read
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as e:
-            raise LucaError(f"{path}: row {row} on: not a readable Parquet file ({e})") from None
-        if batch is None:
-            return
-        for rec in batch.to_pylist():
-            yield f"{path}:{row}", rec
-            row += 1
 
 
 def _hf_examples(cs: ChatSource) -> Iterator[Example]:
     src = cs.source
-    try:
-        import datasets
-    except ImportError:
-        raise LucaError(f"{src.spec}: needs the datasets library: pip install 'luca[hf]'") from None
-    local = Path(src.location).expanduser()
-    try:
-        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                splits = list(ds)
-                split = src.split or ("train" if "train" in ds or len(splits) != 1 else splits[0])
-                if split not in ds:
-                    raise LucaError(f"{src.spec}: no split {split!r} (splits: {', '.join(splits)})")
-                ds = ds[split]
-            elif src.split:
-                raise LucaError(f"{src.spec}: {local} holds one split; drop ':{src.split}'")
-        else:
-            ds = datasets.load_dataset(src.location, src.config, split=src.split or "train")
-    except LucaError:
-        raise
-    except Exception as e:  # network, missing dataset, bad split: all the user's to fix
-        raise LucaError(f"{src.spec}: cannot load dataset: {type(e).__name__}: {e}") from None
+    ds = S.hf_dataset(src)
     yield from _convert_all(cs, ((f"{src.spec}:{i}", row) for i, row in enumerate(ds)))
 
 
@@ -263,7 +192,7 @@ def convert(rec: object, fmt: str, origin: str, text_field: str = "text") -> Ite
         elif isinstance(rec, str):
             yield Example(origin, text=D.clean(rec)[0])
         else:
-            yield Example(origin, text=D._field(rec, text_field, origin))
+            yield Example(origin, text=S.text_field(rec, text_field, origin))
         return
     if not isinstance(rec, dict):
         raise LucaError(f"{origin}: a record is a JSON {type(rec).__name__}, not an object")
@@ -335,7 +264,7 @@ def _tidy(s: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        s = D._SURROGATE.sub("\ufffd", s)
+        s = D.SURROGATES.sub("\ufffd", s)
     return s
 
 
@@ -423,7 +352,7 @@ def load_chat_data(specs: list[str], tok: Tokenizer, seq_len: int, val_fraction:
     sources = [parse_chat_source(s) for s in specs]
     seen: set[str] = set()
     train, val, stats = [], [], []
-    with D._progress(progress, "read + tokenize", len(sources), "sources") as advance:
+    with D.progress_bar(progress, "read + tokenize", len(sources), "sources") as advance:
         for cs in sources:
             st = {"spec": cs.spec, "weight": cs.source.weight, "examples": 0, "val_examples": 0, "duplicates": 0,
                   "skipped_no_reply": 0, "truncated": 0, "truncated_tokens": 0, "dropped_no_target": 0,
