@@ -48,6 +48,7 @@ ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
 ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"
 FINETUNE_SUMMARY = "finetune_summary.json"
+TRAIN_SUMMARY = "train_summary.json"  # train()'s summary: what report.md and `luca report` read
 GGUF_DIR = "gguf"
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

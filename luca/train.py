@@ -490,7 +490,7 @@ def write_report(run_dir: Path, s: dict, model_cfg: ModelConfig, cfg: TrainConfi
     plot = plot_loss(run_dir)
     body = table + (f"\n\n![loss]({rundir.LOSS_PNG})\n" if plot else "\n")
     rundir.update_report_section(run_dir, "Training", body)
-    rundir.write_json(run_dir / "train_summary.json", s)
+    rundir.write_json(run_dir / rundir.TRAIN_SUMMARY, s)
 
 
 def plot_loss(run_dir: Path) -> bool:

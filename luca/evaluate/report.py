@@ -32,7 +32,7 @@ def weights_fingerprint(run_dir: Path) -> str:
 
 def model_record(run_dir: Path, model, tok, dtype: str) -> dict:
     """What the results are of: parameters, tokens seen (from the training record), tokenizer."""
-    summary_p = run_dir / "train_summary.json"
+    summary_p = run_dir / rundir.TRAIN_SUMMARY
     summary = rundir.read_json(summary_p) if summary_p.is_file() else {}
     tokens, steps = summary.get("tokens"), summary.get("steps")
     if tokens is None:

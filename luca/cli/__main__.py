@@ -1,0 +1,3 @@
+from luca.cli import entry
+
+entry()
