@@ -112,17 +112,17 @@ class Stepper:
     def _capture(self, micro_batches: list[torch.Tensor]) -> None:
         self.graph_wanted = False  # one try
         opt = self.opt
-        dev = micro_batches[0].device
         saved = [(g["lr"], g["capturable"]) for g in opt.param_groups]
-        self.lr = torch.tensor(float(saved[0][0]), device=dev)
-        self.static = [b.clone() for b in micro_batches]
-        for g in opt.param_groups:
-            g["lr"], g["capturable"] = self.lr, True  # the kernel reads lr from device memory
-        opt.zero_grad(set_to_none=True)  # gradients are then allocated (and kept) in the graph's pool
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph takes its own pool
-        graph = torch.cuda.CUDAGraph()
         try:
+            dev = micro_batches[0].device
+            self.lr = torch.tensor(float(saved[0][0]), device=dev)
+            self.static = [b.clone() for b in micro_batches]
+            for g in opt.param_groups:
+                g["lr"], g["capturable"] = self.lr, True  # the kernel reads lr from device memory
+            opt.zero_grad(set_to_none=True)  # gradients are then allocated (and kept) in the graph's pool
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph takes its own pool
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.out = train_step(self.model, self.raw, opt, self.static, self.grad_clip, self.autocast,
                                       self.world, fold_clip=True)
@@ -130,7 +130,7 @@ class Stepper:
         except Exception as e:  # noqa: BLE001 - any op that cannot be captured: run steps ordinarily
             self.say(f"CUDA graph capture failed ({str(e).strip().splitlines()[0][:160]}); "
                      f"training continues without it")
-            self.out, self.static = None, []
+            self.out, self.static, self.lr = None, [], None
             opt.zero_grad(set_to_none=True)
         for g, (lr, cap) in zip(opt.param_groups, saved):
             g["lr"], g["capturable"] = lr, cap

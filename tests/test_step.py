@@ -72,3 +72,22 @@ def test_stepper_without_cuda_runs_ordinary_steps():
         assert opt.param_groups[0]["lr"] == lr
     assert stepper.graph is None
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+
+
+def test_a_failed_capture_falls_back_to_ordinary_steps():
+    """Capture fails here (no CUDA): the step it was tried at and every later one run ordinarily."""
+    (m, opt), (ref, ref_opt) = _pair()
+    said = []
+    stepper = Stepper(m, m, opt, 1.0, NO_AUTOCAST, world=1, fsdp=False, cuda_graph=True, say=said.append)
+    stepper.graph_wanted = True  # as on one CUDA device
+    g = torch.Generator().manual_seed(3)
+    for i in range(5):
+        batch = [torch.randint(0, 256, (2, 33), generator=g)]
+        stepper(batch, 1e-3)
+        for group in ref_opt.param_groups:
+            group["lr"] = 1e-3
+        train_step(ref, ref, ref_opt, batch, 1.0, NO_AUTOCAST, fold_clip=True)
+    assert stepper.graph is None and not stepper.graph_wanted
+    assert len(said) == 1 and "CUDA graph capture failed" in said[0]
+    assert all(gr["capturable"] is False and isinstance(gr["lr"], float) for gr in opt.param_groups)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
