@@ -219,15 +219,17 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     if "mode" in settings:
         model = torch.compile(model, mode=settings["mode"])
     autocast = torch.autocast(DEV, dtype=torch.bfloat16)
-    stepper = Stepper(model, raw, opt, 1.0, autocast, dd.world, cfg.fsdp, cfg.cuda_graph, log)
-    if not settings.get("fold_clip", True):
-        stepper.fold_clip = stepper.graph_wanted = False
+    steppers: dict[int, Stepper] = {}  # one per micro-batch count: a graph replays the count it captured
     bad = BadSteps(device, cfg.max_bad_steps)
     data = random_batches(max(8, max_accum), device)
 
     def step(i: int, accum: int = 1):
+        if accum not in steppers:
+            steppers[accum] = Stepper(model, raw, opt, 1.0, autocast, dd.world, cfg.fsdp, cfg.cuda_graph, log)
+            if not settings.get("fold_clip", True):
+                steppers[accum].fold_clip = steppers[accum].graph_wanted = False
         micro = [data[(i * accum + m) % len(data)] for m in range(accum)]
-        _, _, ok = stepper(micro, cfg.lr)
+        _, _, ok = steppers[accum](micro, cfg.lr)
         bad.record(ok)
     return step, raw.num_parameters(), dd
 

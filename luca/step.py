@@ -45,7 +45,7 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             (loss / accum).backward()
         loss_sum += loss.detach()
     if fold_clip:
-        gnorm, ok = _fold_clip(raw, opt, loss_sum, grad_clip)
+        gnorm, ok = _fold_clip(raw, opt, loss_sum, grad_clip, world)
         opt.step()
     else:
         gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else 1e30))
@@ -61,11 +61,13 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
     return loss_sum, gnorm, ok
 
 
-def _fold_clip(raw: torch.nn.Module, opt: torch.optim.Optimizer, loss_sum: torch.Tensor, grad_clip: float):
+def _fold_clip(raw: torch.nn.Module, opt: torch.optim.Optimizer, loss_sum: torch.Tensor, grad_clip: float,
+               world: int):
     """Set fused AdamW's grad_scale (the clip) and found_inf (the skip) on the device."""
     grads = [p.grad for p in raw.parameters() if p.grad is not None]
     gnorm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-    ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+    # As in train_step: under DDP only the (all-reduced, identical) norm decides, so ranks agree.
+    ok = torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
     # clip_grad_norm_'s factor is clip / (norm + 1e-6), applied when below 1; the kernel divides.
     scale = torch.clamp((gnorm + 1e-6) / grad_clip, min=1.0) if grad_clip > 0 else torch.ones_like(gnorm)
     if getattr(opt, "grad_scale", None) is None:
@@ -96,7 +98,7 @@ class Stepper:
         self.calls += 1
         if self.graph is None and self.graph_wanted and self.calls > WARMUP_STEPS:
             self._capture(micro_batches)
-        if self.graph is None:
+        if self.graph is None or not self._fits(micro_batches):
             for g in self.opt.param_groups:
                 g["lr"] = lr
             return train_step(self.model, self.raw, self.opt, micro_batches, self.grad_clip, self.autocast,
@@ -109,10 +111,16 @@ class Stepper:
         self.graph.replay()
         return self.out
 
+    def _fits(self, micro_batches: list[torch.Tensor]) -> bool:
+        """The graph replays the micro-batch count and shapes it was captured with, nothing else."""
+        return len(micro_batches) == len(self.static) and all(
+            s.shape == b.shape and s.dtype == b.dtype for s, b in zip(self.static, micro_batches))
+
     def _capture(self, micro_batches: list[torch.Tensor]) -> None:
         self.graph_wanted = False  # one try
         opt = self.opt
         saved = [(g["lr"], g["capturable"]) for g in opt.param_groups]
+        stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
         try:
             dev = micro_batches[0].device
             self.lr = torch.tensor(float(saved[0][0]), device=dev)
@@ -123,7 +131,9 @@ class Stepper:
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph takes its own pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the data loader's thread pins the next batch meanwhile, which a global
+            # capture forbids (it failed about 1 capture in 20 on an H100).
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.out = train_step(self.model, self.raw, opt, self.static, self.grad_clip, self.autocast,
                                       self.world, fold_clip=True)
             self.graph = graph
@@ -131,6 +141,8 @@ class Stepper:
             self.say(f"CUDA graph capture failed ({str(e).strip().splitlines()[0][:160]}); "
                      f"training continues without it")
             self.out, self.static, self.lr = None, [], None
+            if stream is not None:  # a capture that failed inside leaves its side stream current
+                torch.cuda.set_stream(stream)
             opt.zero_grad(set_to_none=True)
         for g, (lr, cap) in zip(opt.param_groups, saved):
             g["lr"], g["capturable"] = lr, cap

@@ -91,3 +91,15 @@ def test_a_failed_capture_falls_back_to_ordinary_steps():
     assert len(said) == 1 and "CUDA graph capture failed" in said[0]
     assert all(gr["capturable"] is False and isinstance(gr["lr"], float) for gr in opt.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+
+
+def test_under_ddp_only_the_shared_norm_decides_a_skip():
+    """A rank's own loss can be NaN with finite gradients (0/0 when none of its targets counts): alone
+    the step is skipped, but under DDP ranks must agree, so only the all-reduced norm decides."""
+    from luca.step import _fold_clip
+    (m, opt), _ = _pair()
+    m(torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))).backward()
+    nan = torch.tensor(float("nan"))
+    for world, taken in ((1, False), (2, True)):
+        gnorm, ok = _fold_clip(m, opt, nan, 1.0, world)
+        assert torch.isfinite(gnorm) and bool(ok) is taken and float(opt.found_inf) == (not taken)
