@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -254,9 +255,41 @@ def check_graph(steps: int = 12) -> dict:
             losses.append(float(loss))
         runs[graph] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
     (l0, p0, _), (l1, p1, captured) = runs[False], runs[True]
+    fallback = check_failed_capture(data, device)
     return {"captured": captured, "steps": steps, "losses_eager": l0, "losses_graph": l1,
             "max_loss_diff": max(abs(a - b) for a, b in zip(l0, l1)),
-            "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(p0, p1))}
+            "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(p0, p1)), "fallback": fallback}
+
+
+class _SyncsInForward(torch.nn.Module):
+    """Reads its loss back (a host sync): a CUDA graph capture of it fails inside the capture."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, y):
+        loss = self.inner(x, y)
+        float(loss)
+        return loss
+
+
+def check_failed_capture(data: list, device, steps: int = 6) -> dict:
+    """A capture that fails inside must leave training on the default stream, taking every step."""
+    from luca.distributed import Dist
+    from luca.model import ModelConfig
+    from luca.step import Stepper
+    from luca.train import TrainConfig, build
+    cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=False, seed=7)
+    raw, _, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
+    said: list[str] = []
+    stepper = Stepper(_SyncsInForward(raw), raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False,
+                      True, said.append)
+    losses = [float(stepper([data[0]], 6e-4)[0]) for _ in range(steps)]  # one batch: its loss must fall
+    on_default = DEV != "cuda" or torch.cuda.current_stream() == torch.cuda.default_stream()
+    return {"message": said, "losses": losses, "graph": stepper.graph is not None, "on_default_stream": on_default,
+            "ok": bool(said) and stepper.graph is None and on_default and all(math.isfinite(x) for x in losses)
+            and losses[-1] < losses[0]}
 
 
 def hf_step_fn(device):
@@ -482,6 +515,10 @@ def main() -> None:
               f"max weight difference {r['max_weight_diff']:.2e} over {r['steps']} steps")
         print("losses eager:", " ".join(f"{x:.4f}" for x in r["losses_eager"]))
         print("losses graph:", " ".join(f"{x:.4f}" for x in r["losses_graph"]))
+        fb = r["fallback"]
+        print(f"capture forced to fail inside: fell back {'correctly' if fb['ok'] else 'WRONGLY'}; message "
+              f"{fb['message']}; on the default stream {fb['on_default_stream']}; losses "
+              + " ".join(f"{x:.4f}" for x in fb["losses"]))
         _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph.json", r)
     elif a.variant:
         print("RESULT " + json.dumps(run_variant(a.variant, a.warmup, a.reps, a.per_rep, a.profile)), flush=True)
