@@ -237,28 +237,48 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
 
 def check_graph(steps: int = 12) -> dict:
     """Same seed, same data, same learning rates: the step as a CUDA graph against the step without."""
-    from luca.model import ModelConfig
-    from luca.step import Stepper
-    from luca.train import TrainConfig, build
-    from luca.distributed import Dist
-    device = _device()
-    data = random_batches(steps, device)
-    runs = {}
-    for graph in (False, True):
-        torch._dynamo.reset()
-        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=DEV == "cuda", seed=7)
-        raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
-        stepper = Stepper(model, raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False, graph, log)
-        losses = []
-        for i in range(steps):
-            loss, gnorm, ok = stepper([data[i]], 6e-4 * (i + 1) / steps)
-            losses.append(float(loss))
-        runs[graph] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
+    runs = _graph_runs(steps, (False, True), compile_=DEV == "cuda")
+    data = random_batches(steps, _device())
     (l0, p0, _), (l1, p1, captured) = runs[False], runs[True]
-    fallback = check_failed_capture(data, device)
+    fallback = check_failed_capture(data, _device())
     return {"captured": captured, "steps": steps, "losses_eager": l0, "losses_graph": l1,
             "max_loss_diff": max(abs(a - b) for a, b in zip(l0, l1)),
             "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(p0, p1)), "fallback": fallback}
+
+
+def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> dict:
+    from luca.distributed import Dist
+    from luca.model import ModelConfig
+    from luca.step import Stepper
+    from luca.train import TrainConfig, build
+    device = _device()
+    data = random_batches(steps, device)
+    runs = {}
+    for key in graphs:
+        torch._dynamo.reset()
+        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=compile_, seed=7)
+        raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
+        stepper = Stepper(model, raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False, bool(key), log)
+        losses = []
+        for i in range(steps):
+            loss, gnorm, ok = stepper([data[i % len(data)]], 6e-4 * min(1.0, (i + 1) / 12))
+            losses.append(float(loss))
+        runs[key] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
+    return runs
+
+
+def check_graph_deterministic(steps: int = 40) -> dict:
+    """With deterministic kernels (math attention, cuBLAS workspace config, no compile) two runs
+    without the graph are bitwise equal; the graph's run must be bitwise equal to them too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.use_deterministic_algorithms(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        runs = _graph_runs(steps, (False, "again", True), compile_=False)
+    (l0, p0, _), (la, pa, _), (l1, p1, captured) = runs[False], runs["again"], runs[True]
+    diff = lambda xs, ys: max((a - b).abs().max().item() for a, b in zip(xs, ys))  # noqa: E731
+    return {"captured": captured, "steps": steps, "eager_twice_equal": l0 == la and diff(p0, pa) == 0,
+            "graph_equal": l0 == l1 and diff(p0, p1) == 0, "max_weight_diff_graph": diff(p0, p1),
+            "max_loss_diff_graph": max(abs(a - b) for a, b in zip(l0, l1)), "losses": l0, "losses_graph": l1}
 
 
 class _SyncsInForward(torch.nn.Module):
@@ -501,15 +521,25 @@ def main() -> None:
     p.add_argument("--dist", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scaling", action="store_true", help="1 GPU vs all GPUs of the machine (DDP)")
     p.add_argument("--check-graph", action="store_true", help="the CUDA-graph step against the ordinary one")
+    p.add_argument("--deterministic", action="store_true", help="--check-graph with deterministic kernels: bitwise")
     p.add_argument("--accums", default="1,4", help="micro-batches per rank per step, for --scaling")
     p.add_argument("--no-optimize-ddp", action="store_true",
                    help="--scaling: compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
     a = p.parse_args()
     if a.no_optimize_ddp:
         os.environ["BENCH_NO_OPTIMIZE_DDP"] = "1"
+    if a.deterministic:  # before cuBLAS starts: its deterministic mode needs a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if DEV == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
-    if a.check_graph:
+    if a.check_graph and a.deterministic:
+        r = check_graph_deterministic()
+        print(f"deterministic CUDA graph check over {r['steps']} steps: captured {r['captured']}; two runs without "
+              f"the graph bitwise equal: {r['eager_twice_equal']}; the graph's run bitwise equal to them: "
+              f"{r['graph_equal']} (largest weight difference {r['max_weight_diff_graph']:.2e}, loss "
+              f"{r['max_loss_diff_graph']:.2e})")
+        _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph_deterministic.json", r)
+    elif a.check_graph:
         r = check_graph()
         print(f"CUDA graph check: captured {r['captured']}, max loss difference {r['max_loss_diff']:.2e}, "
               f"max weight difference {r['max_weight_diff']:.2e} over {r['steps']} steps")
