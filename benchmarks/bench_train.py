@@ -382,7 +382,7 @@ def run_dist(accums: list[int], warmup: int, reps: int, per_rep: int) -> list[di
     device = _device()
     if os.environ.get("BENCH_NO_OPTIMIZE_DDP"):  # one compiled graph instead of one per DDP bucket
         torch._dynamo.config.optimize_ddp = False
-    step, n, dd = luca_step_fn({}, device, max(accums))
+    step, n, dd = luca_step_fn({"graph": not os.environ.get("BENCH_NO_GRAPH")}, device, max(accums))
     out = []
     for accum in accums:  # one model: the compiled graphs serve every accumulation count
         res = time_steps(lambda i: step(i, accum), warmup, reps, per_rep)
@@ -486,23 +486,28 @@ def bench(a) -> None:
 
 
 def scaling(a) -> None:
+    """One GPU (with the whole-step CUDA graph, as `luca train` runs there, and without it: the step
+    DDP runs), then all GPUs through torchrun + DDP; efficiency against both."""
     n = torch.cuda.device_count() if DEV == "cuda" else 2
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
-    accums = a.accums
-    one = _worker([sys.executable, __file__, "--dist", "--accums", accums, "--warmup", str(a.warmup),
-                   "--reps", str(a.reps), "--per-rep", str(a.per_rep)], a.budget / 2)
-    many = _worker([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                    __file__, "--dist", "--accums", accums, "--warmup", str(a.warmup), "--reps", str(a.reps),
-                    "--per-rep", str(a.per_rep)], a.budget / 2)
-    print(f"| micro-batches per rank per step | 1 × {gpu} tokens/s | {n} × tokens/s | scaling efficiency |")
+    worker = [__file__, "--dist", "--accums", a.accums, "--warmup", str(a.warmup), "--reps", str(a.reps),
+              "--per-rep", str(a.per_rep)]
+    one = _worker([sys.executable, *worker], a.budget / 3)
+    one_plain = _worker([sys.executable, *worker], a.budget / 3, env={"BENCH_NO_GRAPH": "1"})
+    many = _worker([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *worker],
+                   a.budget / 3)
+    print(f"| micro-batches per rank per step | 1 × {gpu} tokens/s (graph / no graph) | {n} × tokens/s (DDP) | "
+          f"scaling efficiency vs graph / vs no graph |")
     print("|---:|---:|---:|---:|")
-    for r1, rn in zip(one.get("runs", []), many.get("runs", [])):
-        eff = rn["tokens_per_s"] / (n * r1["tokens_per_s"])
-        print(f"| {r1['accum']} | {r1['tokens_per_s']:,.0f} | {rn['tokens_per_s']:,.0f} | {eff:.1%} |")
-    if "error" in one or "error" in many:
-        print("errors:", one.get("error"), many.get("error"))
+    for r1, r0, rn in zip(one.get("runs", []), one_plain.get("runs", []), many.get("runs", [])):
+        e1, e0 = (rn["tokens_per_s"] / (n * r["tokens_per_s"]) for r in (r1, r0))
+        print(f"| {r1['accum']} | {r1['tokens_per_s']:,.0f} / {r0['tokens_per_s']:,.0f} | {rn['tokens_per_s']:,.0f} | "
+              f"{e1:.1%} / {e0:.1%} |")
+    for name, r in (("one", one), ("one without graph", one_plain), ("many", many)):
+        if "error" in r:
+            print(f"error ({name}): {r['error']}")
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    _save(out_dir, "scaling.json", {"device": gpu, "gpus": n, "one": one, "many": many})
+    _save(out_dir, "scaling.json", {"device": gpu, "gpus": n, "one": one, "one_no_graph": one_plain, "many": many})
 
 
 def main() -> None:
