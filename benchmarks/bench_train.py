@@ -64,6 +64,9 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-unfolded": ("luca without the CUDA graph and with clip_grad_norm_ (the previous default)",
                       {"fold_clip": False}),
     "luca-cdt": ("luca with inductor coordinate-descent tuning", {"inductor": {"coordinate_descent_tuning": True}}),
+    "luca-fusion": ("luca with inductor's aggressive fusion and combo (horizontal) kernels",
+                    {"inductor": {"aggressive_fusion": True, "combo_kernels": True}}),
+    "luca-flash-bf16": ("luca-bf16-residual with the flash SDPA kernel", {"sdpa": "flash", "bf16_residual": True}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
 }
 
