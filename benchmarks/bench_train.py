@@ -240,8 +240,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
 
 def check_graph(steps: int = 12) -> dict:
     """Same seed, same data, same learning rates: the step as a CUDA graph against the step without."""
-    runs = _graph_runs(steps, (False, True), compile_=DEV == "cuda")
-    data = random_batches(steps, _device())
+    runs, data = _graph_runs(steps, (False, True), compile_=DEV == "cuda")
     (l0, p0, _), (l1, p1, captured) = runs[False], runs[True]
     fallback = check_failed_capture(data, _device())
     return {"captured": captured, "steps": steps, "losses_eager": l0, "losses_graph": l1,
@@ -249,7 +248,7 @@ def check_graph(steps: int = 12) -> dict:
             "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(p0, p1)), "fallback": fallback}
 
 
-def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> dict:
+def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> tuple[dict, list]:
     from luca.distributed import Dist
     from luca.model import ModelConfig
     from luca.step import Stepper
@@ -267,7 +266,7 @@ def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> dict:
             loss, gnorm, ok = stepper([data[i % len(data)]], 6e-4 * min(1.0, (i + 1) / 12))
             losses.append(float(loss))
         runs[key] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
-    return runs
+    return runs, data
 
 
 def check_graph_deterministic(steps: int = 40) -> dict:
@@ -276,7 +275,7 @@ def check_graph_deterministic(steps: int = 40) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.use_deterministic_algorithms(True)
     with sdpa_kernel([SDPBackend.MATH]):
-        runs = _graph_runs(steps, (False, "again", True), compile_=False)
+        runs, _ = _graph_runs(steps, (False, "again", True), compile_=False)
     (l0, p0, _), (la, pa, _), (l1, p1, captured) = runs[False], runs["again"], runs[True]
     diff = lambda xs, ys: max((a - b).abs().max().item() for a, b in zip(xs, ys))  # noqa: E731
     return {"captured": captured, "steps": steps, "eager_twice_equal": l0 == la and diff(p0, pa) == 0,

@@ -301,8 +301,9 @@ def text_field(rec: object, name: str, where: str) -> str:
     raise LucaError(f"{where}: no string field {name!r} (fields: {fields})")
 
 
-def _parquet_batches(path: Path, columns: list[str] | None, batch_size: int):
-    """(pyarrow, schema, record batches) of a Parquet file; a damaged file or page is a LucaError."""
+def _parquet_open(path: Path):
+    """(pyarrow, schema, batches(columns, batch_size)) of a Parquet file, opened once; a damaged
+    file or page is a LucaError."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -313,7 +314,7 @@ def _parquet_batches(path: Path, columns: list[str] | None, batch_size: int):
     except (pa.ArrowException, OSError) as e:
         raise LucaError(f"{path}: not a readable Parquet file ({e})") from None
 
-    def batches():
+    def batches(columns: list[str] | None, batch_size: int):
         it, row = pf.iter_batches(columns=columns, batch_size=batch_size), 0
         while True:
             try:  # a damaged page shows only when it is read
@@ -329,24 +330,23 @@ def _parquet_batches(path: Path, columns: list[str] | None, batch_size: int):
 
 def parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(origin, row as a dict) of every row of a Parquet file."""
-    _, _, batches = _parquet_batches(path, None, 4096)
+    _, _, batches = _parquet_open(path)
     row = 0
-    for batch in batches():
+    for batch in batches(None, 4096):
         for rec in batch.to_pylist():
             yield f"{path}:{row}", rec
             row += 1
 
 
 def _read_parquet(path: Path, src: Source) -> Iterator[tuple[str, str]]:
-    pa, schema, _ = _parquet_batches(path, None, 1)
+    pa, schema, batches = _parquet_open(path)
     if src.column not in schema.names:
         raise LucaError(f"{path}: no column {src.column!r} (columns: {', '.join(schema.names)})")
     kind = schema.field(src.column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise LucaError(f"{path}: column {src.column!r} holds {kind}, not strings")
-    _, _, batches = _parquet_batches(path, [src.column], 8192)
     row = 0
-    for batch in batches():
+    for batch in batches([src.column], 8192):
         for text in batch.column(0).to_pylist():
             if text is None:
                 raise LucaError(f"{path}:{row}: column {src.column!r} is null")

@@ -49,9 +49,7 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
         opt.step()
     else:
         gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else 1e30))
-        # Gradients are all-reduced, so the norm is the same on every rank; a rank's own loss is not,
-        # and ranks must agree on the skip. A non-finite loss makes non-finite gradients anyway.
-        ok = torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+        ok = _taken(gnorm, loss_sum, world)
         if all(g.get("fused") for g in opt.param_groups):
             opt.found_inf = (~ok).float()  # the fused kernel leaves weights and moments alone when set
             opt.step()
@@ -61,13 +59,19 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
     return loss_sum, gnorm, ok
 
 
+def _taken(gnorm: torch.Tensor, loss_sum: torch.Tensor, world: int) -> torch.Tensor:
+    """Whether the step is taken. Gradients are all-reduced, so the norm is the same on every rank; a
+    rank's own loss is not, and ranks must agree on the skip. A non-finite loss makes non-finite
+    gradients anyway, except one with no counted target (0/0), which alone is skipped."""
+    return torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+
+
 def _fold_clip(raw: torch.nn.Module, opt: torch.optim.Optimizer, loss_sum: torch.Tensor, grad_clip: float,
                world: int):
     """Set fused AdamW's grad_scale (the clip) and found_inf (the skip) on the device."""
     grads = [p.grad for p in raw.parameters() if p.grad is not None]
     gnorm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-    # As in train_step: under DDP only the (all-reduced, identical) norm decides, so ranks agree.
-    ok = torch.isfinite(gnorm) if world > 1 else torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+    ok = _taken(gnorm, loss_sum, world)
     # clip_grad_norm_'s factor is clip / (norm + 1e-6), applied when below 1; the kernel divides.
     scale = torch.clamp((gnorm + 1e-6) / grad_clip, min=1.0) if grad_clip > 0 else torch.ones_like(gnorm)
     if getattr(opt, "grad_scale", None) is None:
