@@ -8,7 +8,7 @@ One run (under 10 minutes on an H100) measures, in this order:
    micro-batch 12, vocab 50304, BF16 autocast, AdamW, grad clip 1.0) on random tokens, each
    variant in its own process: luca through the same `build` / `Stepper` as `luca train`
    (whole-model `torch.compile`, fused AdamW with the clip folded in and on-device step skipping,
-   FlashAttention through SDPA, fused full-logits cross-entropy, the whole step replayed as one
+   FlashAttention through SDPA, the head's cross-entropy in luca's Triton kernel, the whole step replayed as one
    CUDA graph), a few luca variants, and the peer: transformers' `LlamaForCausalLM` with SDPA
    attention, fused AdamW and `torch.compile`. Warm-up steps (and the compilation and capture)
    are excluded; each timing is a CUDA-synchronised wall clock over many steps.
@@ -48,7 +48,7 @@ if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script
     SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
     B, T, DEV = 2, 64, "cpu"
 VARIANTS = {  # name: (what it is, worker settings)
-    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, compiled full-logits CE, SDPA", {}),
+    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, fused head CE kernel, SDPA, graph", {}),
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
     # ablations: luca with one of its GPU-path pieces taken out or added
     "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
@@ -57,6 +57,10 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-cudagraphs": ("luca compiled with mode=reduce-overhead instead of the whole-step graph",
                         {"mode": "reduce-overhead", "graph": False}),
     "luca-eager": ("luca without torch.compile", {"compile": False}),
+    "luca-bf16-wgrad": ("luca with weight gradients rounded to BF16 and cast to FP32 (autocast's way, before)",
+                        {"wgrad32": False}),
+    "luca-full-ce": ("luca with the compiled full-logits CE instead of its kernel (the previous default)",
+                     {"loss_impl": "full"}),
     "luca-chunked": ("luca with the chunked fused-linear CE (memory-friendly path)", {"loss_impl": "chunked"}),
     "luca-cudnn": ("luca with cuDNN attention forced", {"sdpa": "cudnn"}),
     "luca-flash": ("luca with the flash SDPA kernel forced", {"sdpa": "flash"}),
@@ -67,6 +71,12 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-fusion": ("luca with inductor's aggressive fusion and combo (horizontal) kernels",
                     {"inductor": {"aggressive_fusion": True, "combo_kernels": True}}),
     "luca-flash-bf16": ("luca-bf16-residual with the flash SDPA kernel", {"sdpa": "flash", "bf16_residual": True}),
+    "luca-no-mix-order": ("luca without inductor's mix-order reduction (norm weight gradients in their own pass)",
+                          {"inductor": {"triton.mix_order_reduction": False}}),
+    "luca-mix-split-64": ("luca with mix-order reductions split 64 rows per program (fewer partial sums)",
+                          {"inductor": {"triton.mix_order_reduction_split_size": 64}}),
+    "luca-mix-split-128": ("luca with mix-order reductions split 128 rows per program",
+                           {"inductor": {"triton.mix_order_reduction_split_size": 128}}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
 }
 
@@ -212,14 +222,21 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
-        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", False))
+        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", False), wgrad32=settings.get("wgrad32", True))
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
-    for k, v in settings.get("inductor", {}).items():
-        setattr(torch._inductor.config, k, v)
+    if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
+        from luca import kernels
+        kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))
+    for k, v in settings.get("inductor", {}).items():  # dotted keys name nested options ("triton.x")
+        *path, leaf = k.split(".")
+        obj = torch._inductor.config
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, v)
     if "mode" in settings:
         model = torch.compile(model, mode=settings["mode"])
     autocast = torch.autocast(DEV, dtype=torch.bfloat16)
@@ -256,9 +273,10 @@ def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> tuple[dict, list]:
     device = _device()
     data = random_batches(steps, device)
     runs = {}
-    for key in graphs:
+    for key in graphs:  # False / "again": no graph; True: the graph; "full-ce": the graph, compiled plain CE
         torch._dynamo.reset()
-        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=compile_, seed=7)
+        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T, lr=6e-4, compile=compile_, seed=7,
+                          loss_impl="full" if key == "full-ce" else "auto")
         raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
         stepper = Stepper(model, raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False, bool(key), log)
         losses = []
@@ -275,12 +293,17 @@ def check_graph_deterministic(steps: int = 40) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.use_deterministic_algorithms(True)
     with sdpa_kernel([SDPBackend.MATH]):
-        runs, _ = _graph_runs(steps, (False, "again", True), compile_=False)
+        runs, _ = _graph_runs(steps, (False, "again", True, "full-ce"), compile_=False)
     (l0, p0, _), (la, pa, _), (l1, p1, captured) = runs[False], runs["again"], runs[True]
+    lf, pf, _ = runs["full-ce"]
     diff = lambda xs, ys: max((a - b).abs().max().item() for a, b in zip(xs, ys))  # noqa: E731
     return {"captured": captured, "steps": steps, "eager_twice_equal": l0 == la and diff(p0, pa) == 0,
             "graph_equal": l0 == l1 and diff(p0, p1) == 0, "max_weight_diff_graph": diff(p0, p1),
-            "max_loss_diff_graph": max(abs(a - b) for a, b in zip(l0, l1)), "losses": l0, "losses_graph": l1}
+            "max_loss_diff_graph": max(abs(a - b) for a, b in zip(l0, l1)), "losses": l0, "losses_graph": l1,
+            # luca's head kernel against the compiled plain cross-entropy: not bitwise (the weight gradient
+            # is rounded differently), but the same arithmetic, so the runs stay close
+            "losses_full_ce": lf, "max_loss_diff_kernel_vs_full_ce": max(abs(a - b) for a, b in zip(l1, lf)),
+            "max_weight_diff_kernel_vs_full_ce": diff(p1, pf)}
 
 
 class _SyncsInForward(torch.nn.Module):
@@ -545,6 +568,10 @@ def main() -> None:
               f"the graph bitwise equal: {r['eager_twice_equal']}; the graph's run bitwise equal to them: "
               f"{r['graph_equal']} (largest weight difference {r['max_weight_diff_graph']:.2e}, loss "
               f"{r['max_loss_diff_graph']:.2e})")
+        print(f"head kernel vs compiled plain CE (both with the graph): largest loss difference "
+              f"{r['max_loss_diff_kernel_vs_full_ce']:.2e}, weight {r['max_weight_diff_kernel_vs_full_ce']:.2e}")
+        print("losses, kernel :", " ".join(f"{x:.4f}" for x in r["losses_graph"]))
+        print("losses, full CE:", " ".join(f"{x:.4f}" for x in r["losses_full_ce"]))
         _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph_deterministic.json", r)
     elif a.check_graph:
         r = check_graph()

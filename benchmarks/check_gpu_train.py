@@ -4,9 +4,10 @@ One call (a few minutes on an H100), everything built on the machine from the in
 standard library (`builtin:python`), nothing downloaded:
 1. data and a 4,096-token BPE tokenizer;
 2. a ~20M-parameter model (8 layers × 512) trained for `--steps` steps three ways: with the
-   whole-step CUDA graph (the default), without it (`train.cuda_graph = false`), and with the graph
+   whole-step CUDA graph (the default), without it (`train.cuda_graph = false`), with the compiled
+   plain cross-entropy instead of luca's kernel (`train.loss_impl = "full"`), and with the graph
    but interrupted halfway and resumed from its checkpoint (a fresh capture after the resume);
-   each with validation, checkpoints and logging as `luca train` does them;
+   each with validation, checkpoints and logging as `luca train` does them (`--runs` picks);
 3. LoRA fine-tuning of the first run on synthetic arithmetic chats, with the default compile (on
    CUDA) and with `compile = false`.
 
@@ -32,6 +33,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/luca_gpu_check")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
+    p.add_argument("--runs", default="no-graph,again,resumed,full-ce",
+                   help="training runs beside the default one (with the graph), per seed where it applies")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
     a = p.parse_args()
@@ -53,7 +57,7 @@ def main() -> None:
     print(f"data + tokenizer: {time.perf_counter() - t0:.1f} s", flush=True)
 
     mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
-    tc = dict(seq_len=512, micro_batch=32, batch_tokens=32768, max_steps=a.steps, lr=2e-3, warmup_steps=30,
+    tc = dict(seq_len=512, micro_batch=32, batch_tokens=32768, max_steps=a.steps, lr=a.lr, warmup_steps=30,
               schedule="wsd", eval_every=100, eval_batches=16, save_every=a.steps // 2, log_every=25,
               compile=True, seed=3)
     tc["log_every"] = 10
@@ -85,11 +89,17 @@ def main() -> None:
                       "bad_steps": s["bad_steps"], "max_memory_gib": s.get("max_memory_gib")}
         print(name, json.dumps(rows[name]), flush=True)
 
+    runs, first = set(a.runs.split(",")), int(a.seeds.split(",")[0])
     for seed in [int(x) for x in a.seeds.split(",")]:
         run("train-graph", seed=seed)
-        run("train-no-graph", cuda_graph=False, seed=seed)
-    run("train-no-graph-again", cuda_graph=False, seed=int(a.seeds.split(",")[0]))  # GPU kernels' own spread
-    run("train-graph-resumed", until_half=True, seed=int(a.seeds.split(",")[0]))
+        if "no-graph" in runs:
+            run("train-no-graph", cuda_graph=False, seed=seed)
+        if "full-ce" in runs:  # the compiled plain cross-entropy instead of luca's kernel (luca/kernels.py)
+            run("train-full-ce", loss_impl="full", seed=seed)
+    if "again" in runs:
+        run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
+    if "resumed" in runs:
+        run("train-graph-resumed", until_half=True, seed=first)
     for name, c in curves.items():
         print(f"loss every {tc['log_every']} steps, {name}: {' '.join(map(str, c))}")
 

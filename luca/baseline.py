@@ -21,12 +21,12 @@ What is notable:
   `transformers.AutoModelForCausalLM` loads to the same logits, and `rundir.load_model` loads back.
 - The same calling convention as `luca.model.Transformer` (`model(tokens)` → logits,
   `model(tokens, targets, reduction=...)` → loss through the fused chunked cross-entropy or,
-  with `loss_impl = "full"`, a plain one; `positions=`, `doc_ids=`, `cache=KVCache`), so the
+  with `loss_impl = "full"` / `"fused"`, luca.model's GPU paths (`head_loss`); `positions=`, `doc_ids=`, `cache=KVCache`), so the
   training loop, validation BPB, `evaluate.bpb` and the diagnostics run it unchanged; and the
   engine protocol (`generate_ids`), so `luca run`'s samples and `luca generate` work. (The
   benchmark harness of luca/evaluate and the native engine's fused kernels read luca's
   Transformer internals and do not take it.)
-- Imports torch and luca.model (KVCache, chunked cross-entropy) only.
+- Imports torch and luca.model (KVCache, the head's loss) only.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from luca.model import KVCache, ModelConfig, chunked_cross_entropy
+from luca.model import KVCache, ModelConfig, head_loss
 
 # Modules whose HF weights are Conv1D (in × out): transposed on the way in and out.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -124,7 +124,7 @@ class GPT2(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
-        self.loss_impl = "chunked"  # or "full", as luca.model.Transformer
+        self.loss_impl = "chunked"  # or "full" / "fused", as luca.model.Transformer
         self.reset_parameters()
 
     @property
@@ -179,11 +179,7 @@ class GPT2(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        if self.loss_impl == "full" and reduction != "none":
-            logits = self.lm_head(h).float()
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                   reduction=reduction)
-        return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction)
+        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction)
 
     # -- generation ---------------------------------------------------------------------------
     @torch.inference_mode()

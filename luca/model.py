@@ -18,12 +18,14 @@ What is notable:
 - A preallocated KV cache for generation; the loss is computed in chunks so the full
   (tokens × vocab) float32 logits are never materialised (`loss_impl = "chunked"`, the default:
   memory-friendly, for CPUs and fine-tuning). `loss_impl = "full"` computes all logits and a plain
-  cross-entropy instead, which `torch.compile` fuses into few kernels: the faster path on a GPU.
+  cross-entropy instead, which `torch.compile` fuses into few kernels. `loss_impl = "fused"` (luca
+  train's default on CUDA) is the head GEMM with luca's own Triton cross-entropy kernel, which
+  writes the logits' gradient over them in the forward pass (luca/kernels.py): faster still.
 - GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up (and,
   optionally, q/k/v) run as one GEMM, their weights concatenated in the forward pass (the
   parameters and the checkpoint keep Hugging Face's separate names); optionally the residual
   stream is kept in BF16 under autocast instead of FP32 (half the bytes through norms and adds).
-- This module imports torch and nothing of luca.
+- This module imports torch and, of luca, only luca.kernels (itself torch only; Triton on use).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from luca import kernels
 
 
 @dataclass
@@ -119,6 +123,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class _Wgrad32(torch.autograd.Function):
+    """x @ w.T in the autocast dtype, as autocast computes it, except that the weight's gradient comes
+    out of the GEMM in FP32 (cuBLAS accumulates in FP32 anyway) instead of being rounded to BF16 and
+    then cast up to the FP32 parameter's dtype in a separate pass."""
+
+    @staticmethod
+    def forward(ctx, x, w, dtype):
+        xb, wb = x.to(dtype), w.to(dtype)
+        ctx.save_for_backward(xb, wb)
+        return xb @ wb.t()
+
+    @staticmethod
+    def backward(ctx, gy):
+        xb, wb = ctx.saved_tensors
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), xb.reshape(-1, xb.shape[-1])
+        gw = torch.mm(g2.t(), x2, out_dtype=torch.float32) if gy.is_cuda else (g2.t() @ x2).float()
+        return gy @ wb, gw, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool) -> torch.Tensor:
+    """F.linear without bias; with `wgrad32` under autocast, FP32 weight gradients from the GEMM."""
+    if wgrad32 and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return _Wgrad32.apply(x, weight, torch.get_autocast_dtype(x.device.type))
+    return F.linear(x, weight)
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim)."""
 
@@ -152,6 +182,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
         self.fused = False  # q, k, v as one GEMM (Transformer.set_gpu_training)
+        self.wgrad32 = False  # weight gradients straight from the GEMM in FP32 (`linear`)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -161,8 +192,11 @@ class Attention(nn.Module):
             # concatenation fuses with the weights' cast to BF16, which autocast makes anyway.
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
-            qkv = F.linear(x, torch.cat([m.weight for m in lins]), bias)
+            qkv = F.linear(x, torch.cat([m.weight for m in lins]), bias) if cfg.qkv_bias else \
+                linear(x, torch.cat([m.weight for m in lins]), self.wgrad32)
             q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
+        elif self.wgrad32 and not cfg.qkv_bias:
+            q, k, v = (linear(x, m.weight, True) for m in (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim)
@@ -185,7 +219,8 @@ class Attention(nn.Module):
             is_causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
+        return linear(y, self.o_proj.weight, True) if self.wgrad32 else self.o_proj(y)
 
 
 def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -200,13 +235,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.fused = False  # gate and up as one GEMM (Transformer.set_gpu_training)
+        self.wgrad32 = False  # as Attention's
 
     def forward(self, x):
         if self.fused:  # as Attention's q, k, v
-            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+            gate, up = linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), self.wgrad32).chunk(2, dim=-1)
+        elif self.wgrad32:
+            gate, up = linear(x, self.gate_proj.weight, True), linear(x, self.up_proj.weight, True)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate) * up
+        return linear(h, self.down_proj.weight, True) if self.wgrad32 else self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -248,7 +287,8 @@ class Transformer(nn.Module):
         self.init_rope()
         self.reset_parameters()
 
-    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False, bf16_residual: bool = False) -> None:
+    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False, bf16_residual: bool = False,
+                         wgrad32: bool = True) -> None:
         """Fused gate/up GEMMs, optionally a BF16 residual stream under autocast (luca.train sets it on
         CUDA: benchmarks/bench_train.py). Same parameters and state dict either way. Projections
         replaced by other modules (LoRA adapters) are left unfused.
@@ -256,6 +296,9 @@ class Transformer(nn.Module):
         `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
         off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
         --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22).
+
+        `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
+        weight per step.
 
         `fuse_qkv` fuses q/k/v too. Off by default: on an H100 the compiled backward then gathers
         the transposed q, k, v gradients into one buffer in a slow kernel that cost more than the
@@ -265,6 +308,9 @@ class Transformer(nn.Module):
             a, m = block.self_attn, block.mlp
             a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
             m.fused = on and all(type(p) is nn.Linear for p in (m.gate_proj, m.up_proj))
+            a.wgrad32 = m.wgrad32 = on and wgrad32 and all(
+                type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                               m.down_proj))
 
     def init_rope(self) -> None:
         """(Re)build the cos/sin tables for positions 0 … max_seq_len-1 (not saved; call after a meta-device
@@ -333,11 +379,21 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        if self.loss_impl == "full" and reduction != "none":
-            logits = self.lm_head(h).float()
+        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction)
+
+
+def head_loss(impl: str, h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The cross-entropy of the head's logits by `loss_impl` (module docstring); shared with luca.baseline."""
+    if reduction != "none":
+        if impl == "fused" and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
+            if torch.is_autocast_enabled(h.device.type):  # cast here, where the compiler fuses it with the norm
+                h = h.to(torch.get_autocast_dtype(h.device.type))
+            return kernels.linear_cross_entropy(h, head.weight, targets, reduction)
+        if impl in ("full", "fused"):
+            logits = head(h).float()
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                    reduction=reduction)
-        return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction)
+    return chunked_cross_entropy(h, head.weight, targets, reduction)
 
 
 @torch.compiler.disable  # a Python loop over chunks: run it eagerly between compiled graphs

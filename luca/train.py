@@ -14,7 +14,7 @@ What is notable:
   read every step, which costs nothing there.
 - Speed on a GPU (see benchmarks/bench_train.py): `torch.compile` of the whole model, BF16
   autocast, one GEMM for gate and up, fused AdamW with the clip folded in, FlashAttention through
-  SDPA, a plain cross-entropy over full logits that the compiler fuses (`loss_impl`), the whole
+  SDPA, the head's cross-entropy in luca's own Triton kernel (`loss_impl`, luca/kernels.py), the whole
   step replayed as one CUDA graph on a single GPU (`cuda_graph`), and the next step's
   micro-batches read and pinned by a thread while the GPU works.
 - Many processes through torchrun (luca/distributed.py): DDP, or FSDP2 with `fsdp = true`; the
@@ -80,7 +80,7 @@ class TrainConfig:
     data_seed: int = -1  # the data order's seed; -1: `seed` (compare fixes it while `seed` varies the init)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_bad_steps: int = 5
-    loss_impl: str = "auto"  # auto (full on CUDA, chunked elsewhere) | full | chunked
+    loss_impl: str = "auto"  # auto (fused on CUDA, chunked elsewhere) | fused | full | chunked
     activation_checkpointing: bool = False
     bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
@@ -93,8 +93,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.loss_impl not in ("auto", "full", "chunked"):
-            raise ValueError(f"loss_impl must be auto, full or chunked, got {self.loss_impl!r}")
+        if self.loss_impl not in ("auto", "fused", "full", "chunked"):
+            raise ValueError(f"loss_impl must be auto, fused, full or chunked, got {self.loss_impl!r}")
         for f in ("seq_len", "micro_batch", "batch_tokens", "max_steps", "eval_batches", "log_every"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
@@ -316,7 +316,7 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw = build_model(model_cfg, aux)
     raw.reset_parameters(seed=cfg.seed)
     raw.to(device)
-    raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "full" if device.type == "cuda" else "chunked"
+    raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing

@@ -8,6 +8,9 @@ import pytest
 
 # Keep tests off the user's cache and deterministic on 2 cores.
 os.environ.setdefault("LUCA_HOME", str(Path(__file__).parent / ".luca_home_unused"))
+# Triton kernels (luca/kernels.py) run on CPU tensors through Triton's interpreter. It must be on
+# before triton is first imported (torch.compile may import it), so it is set here, for the session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CORPUS_TEXT = """\
 def fibonacci(n):

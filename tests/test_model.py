@@ -135,6 +135,25 @@ def test_gpu_training_switches_keep_the_function(flavour):
     assert not any(b.self_attn.fused or b.mlp.fused for b in m.model.layers)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fp32_weight_gradients_equal_autocasts(fuse):
+    """`wgrad32` computes the same BF16 forward and backward as autocast; only the weight gradient's
+    rounding differs (on a CPU, where GEMMs cannot emit FP32, not even that: bitwise equal)."""
+    x, y = torch.randint(0, 300, (2, 37)), torch.randint(0, 300, (2, 37))
+    grads = {}
+    for wgrad32 in (False, True):
+        m = tiny(**FLAVOURS["llama"])
+        m.set_gpu_training(True, fuse_qkv=fuse, wgrad32=wgrad32)
+        assert all(b.mlp.wgrad32 == wgrad32 for b in m.model.layers)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, y)
+        loss.backward()
+        grads[wgrad32] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()})
+    assert torch.equal(grads[False][0], grads[True][0])
+    for n, g in grads[False][1].items():
+        assert grads[True][1][n].dtype == torch.float32 and torch.equal(g, grads[True][1][n]), n
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         ModelConfig(n_heads=6, n_kv_heads=4)

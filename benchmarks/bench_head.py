@@ -1,0 +1,136 @@
+"""The language-model head's cross-entropy, forward and backward, at the GPT-2-small training shape.
+
+Measures, on one GPU and in one run (under a minute on an H100):
+- the peer: the head GEMM and `F.cross_entropy` over its FP32-cast logits under `torch.compile`
+  (luca's previous `loss_impl = "full"`, and what nanoGPT / transformers do);
+- luca's fused head (`loss_impl = "fused"`, luca/kernels.py) for several tiles and warp counts;
+- the three GEMMs alone (logits, d h, d W): the floor of any head that materialises logits.
+Each line reports ms per forward + backward (CUDA events, median of 20 after warm-up), the share
+above the GEMMs' floor, and the largest error of the loss and of both gradients against an FP32
+reference of the same BF16 inputs.
+
+`python benchmarks/bench_head.py [--tokens 12288 --vocab 50304 --dim 768]`; `BENCH_SMOKE=1` runs a
+tiny shape on the CPU through Triton's interpreter (checks the plumbing, measures nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+if os.environ.get("BENCH_SMOKE"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from luca import kernels  # noqa: E402
+
+DEV = "cpu" if os.environ.get("BENCH_SMOKE") else "cuda"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn, reps: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    if DEV != "cuda":
+        return float("nan")
+    ms = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    return statistics.median(ms)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=12288)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--json", default="", help="also write the rows to this file")
+    args = ap.parse_args()
+    n, v, d = (args.tokens, args.vocab, args.dim) if DEV == "cuda" else (64, 1000, 32)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = (torch.randn(n, d, generator=g)).to(DEV).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.02 * 3).to(DEV).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    t[::97] = -100  # some ignored targets, as packed fine-tuning data has
+    amp = torch.autocast(DEV, dtype=torch.bfloat16)
+
+    def grads(loss_fn):
+        h.grad = w.grad = None
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+        return loss.detach().float(), h.grad.float(), w.grad.float()
+
+    # FP32 reference on the BF16-rounded inputs: what both paths approximate.
+    hb, wb = h.detach().bfloat16().float().requires_grad_(), w.detach().bfloat16().float().requires_grad_()
+    ref_loss = F.cross_entropy(hb @ wb.t(), t, ignore_index=-100)
+    ref_loss.backward()
+    ref = (ref_loss.detach(), hb.grad, wb.grad)
+
+    def err(got):
+        return [float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(got, ref)]
+
+    def plain():
+        return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100)
+
+    compiled = torch.compile(plain) if DEV == "cuda" else plain
+    rows = []
+
+    def gemms():
+        with torch.no_grad():
+            lg = h.bfloat16() @ w.bfloat16().t()
+            lg @ w.bfloat16()
+            lg.t() @ h.bfloat16()
+    floor = timed(gemms)
+    rows.append({"path": "three GEMMs alone (floor)", "ms": floor})
+    rows.append({"path": "compiled F.cross_entropy (peer)", "ms": timed(lambda: grads(compiled)), "err": err(grads(compiled))})
+    # (tile, warps, programs per SM; 0: one program per row). A tile ≥ vocab keeps the row in registers.
+    single = 1 << (v - 1).bit_length()
+    configs = [(4096, 8, 0), (8192, 8, 0), (8192, 16, 1), (8192, 16, 2), (8192, 32, 1), (4096, 8, 4),
+               (4096, 4, 8), (single, 16, 0), (single, 32, 0), (single, 32, 1)]
+    for block, warps, programs in configs:
+        kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = block, warps, programs
+
+        def fused():
+            return kernels.linear_cross_entropy(h, w, t)
+        try:
+            ms, e = timed(lambda: grads(fused)), err(grads(fused))
+        except Exception as ex:  # noqa: BLE001 - a config that does not compile (registers, shared memory)
+            log(f"block {block}, {warps} warps, {programs}/SM: {str(ex).splitlines()[0][:120]}")
+            continue
+        rows.append({"path": f"luca fused, tile {block}, {warps} warps, "
+                             f"{f'{programs} programs/SM' if programs else 'a program per row'}",
+                     "ms": ms, "err": e, "config": [block, warps, programs]})
+    peer = rows[1]["ms"]
+    best = min((r for r in rows if "config" in r), key=lambda r: r["ms"])
+    print(f"\nhead + cross-entropy, forward and backward: {n} tokens × {v} vocab × {d} wide, BF16, "
+          f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}\n")
+    print("| path | ms | vs peer | above GEMM floor, ms | rel. err loss / dh / dW |")
+    print("|---|---:|---:|---:|---|")
+    for r in rows:
+        e = " / ".join(f"{x:.1e}" for x in r["err"]) if "err" in r else ""
+        print(f"| {r['path']} | {r['ms']:.3f} | {peer / r['ms']:.2f}× | {r['ms'] - floor:.3f} | {e} |")
+    print(f"\nbest: {','.join(map(str, best['config']))}  (tile, warps, programs per SM); torch.mm out_dtype: "
+          f"{kernels._MM_OUT_DTYPE.get(DEV, True)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                                               "shape": [n, v, d], "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""GPU kernels luca writes itself, in Triton: the language-model head's cross-entropy in training.
+
+What is notable:
+- `linear_cross_entropy(h, weight, targets)` is the head GEMM and its cross-entropy for a training
+  step on CUDA (`loss_impl = "fused"`, luca.train's default there). One Triton program per token
+  row reads the row's BF16 logits once for the log-sum-exp and the loss, then again (from L2,
+  where the row still sits) to overwrite them in place with d loss / d logits = softmax − one-hot,
+  times the mean's 1/count. Nothing of the (tokens × vocab) logits is written in FP32 and the
+  backward pass is two GEMMs. At the GPT-2-small shape (12,288 tokens × 50,304 logits a step)
+  the compiled plain cross-entropy reads the logits three times and writes them once
+  (benchmarks/bench_train.py measures both).
+- The arithmetic is the compiled path's: BF16 logits from the GEMM, softmax in FP32, the gradient
+  rounded to BF16 for the backward GEMMs; the scale of the upstream gradient is applied to the
+  small GEMM products instead of the big logits.
+- Targets equal to -100 count for nothing, as in `F.cross_entropy`.
+- Triton is imported lazily: CPUs never need it. With `TRITON_INTERPRET=1` the same kernel runs
+  on CPU tensors, which is how the tests check it against `F.cross_entropy` (the interpreter
+  truncates FP32 → BF16 where a GPU rounds to nearest: one BF16 step at most).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+IGNORE = -100
+# The cross-entropy kernel's tile of a row, its warps, and programs per SM (0: one per row); set from
+# benchmarks/bench_head.py on an H100.
+BLOCK, WARPS, PROGRAMS = 8192, 8, 0
+_KERNEL: dict = {}
+_MM_OUT_DTYPE: dict = {}  # device type → whether torch.mm takes out_dtype there
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fused head can run for tensors on `device` (CUDA with Triton, or the interpreter)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    """The Triton kernels, compiled on first use (importing triton costs a second)."""
+    if _KERNEL:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_rows(logits, stride, targets, losses, scale, N, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        # Rows are strided over the programs: with fewer programs than rows (a persistent grid) fewer
+        # rows are in flight, so a row read in pass 1 is still in L2 when pass 2 reads it.
+        for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: row · stride
+            base = logits + row * stride
+            t = tl.load(targets + row)
+            valid = t != -100
+            t = tl.where(valid, t, 0)
+            g_scale = tl.load(scale) * valid.to(tl.float32)
+            if SINGLE:  # the whole row in registers: one read, one write
+                x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m = tl.max(x, axis=0)
+                e = tl.exp(x - m)
+                s = tl.sum(e, axis=0)
+                lse = m + tl.log(s)
+                picked = tl.sum(tl.where(cols == t, x, 0.0), axis=0)
+                g = tl.where(cols == t, e / s - 1.0, e / s) * g_scale
+                tl.store(base + cols, g.to(logits.dtype.element_ty), mask=cols < V)
+            else:
+                # Pass 1: online log-sum-exp over the row (a running max and the sum rescaled to it).
+                m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+                s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+                for off in range(0, V, BLOCK):
+                    x = tl.load(base + off + cols, mask=off + cols < V, other=float("-inf")).to(tl.float32)
+                    m_new = tl.maximum(m, tl.max(x, axis=0))
+                    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                    m = m_new
+                lse = m + tl.log(s)
+                picked = tl.load(base + t).to(tl.float32)  # read before pass 2 overwrites it
+                # Pass 2: the gradient, in place (rounded to nearest on a GPU).
+                for off in range(0, V, BLOCK):
+                    idx = off + cols
+                    x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
+                    g = tl.exp(x - lse)
+                    g = tl.where(idx == t, g - 1.0, g) * g_scale
+                    tl.store(base + idx, g.to(logits.dtype.element_ty), mask=idx < V)
+            tl.store(losses + row, tl.where(valid, lse - picked, 0.0))
+
+    @triton.jit
+    def scale_(x, scale, n, BLOCK: tl.constexpr):
+        """x *= scale[0] in FP32, rounded once to x's dtype."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x + offs, mask=offs < n).to(tl.float32) * tl.load(scale)
+        tl.store(x + offs, v.to(x.dtype.element_ty), mask=offs < n)
+
+    _KERNEL.update(ce=ce_rows, scale=scale_)
+    return _KERNEL
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                       block: int | None = None, num_warps: int | None = None,
+                       programs: int | None = None) -> torch.Tensor:
+    """Per-row losses (FP32, 0 where ignored) of `logits` (N, V), which are overwritten with
+    d(sum of losses · scale)/d logits. `scale` is a one-element FP32 tensor on the same device.
+    `block` ≥ V keeps a row in registers (one read); `programs` caps the grid (0: one per row)."""
+    if logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous along the vocabulary")
+    n, v = logits.shape
+    block, programs = block or BLOCK, PROGRAMS if programs is None else programs
+    losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        if programs and logits.is_cuda:
+            programs *= torch.cuda.get_device_properties(logits.device).multi_processor_count
+        _kernels()["ce"][(min(n, programs) if programs else n,)](
+            logits, logits.stride(0), targets.contiguous(), losses, scale, n, v,
+            BLOCK=block, SINGLE=block >= v, num_warps=num_warps or WARPS)
+    return losses
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x` (contiguous) times the one-element FP32 tensor `scale`, in place, computed in FP32."""
+    n = x.numel()
+    if n:
+        _kernels()["scale"][(-(-n // 4096),)](x, scale, n, BLOCK=4096, num_warps=8)
+    return x
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of BF16 operands with an FP32 result, straight from the GEMM where torch allows it."""
+    if _MM_OUT_DTYPE.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[a.device.type] = False
+    return (a @ b).float()
+
+
+class _LinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, mean: bool, dtype: torch.dtype):
+        hb, wb = h.to(dtype), weight.to(dtype)
+        logits = hb @ wb.t()
+        count = (targets != IGNORE).sum().clamp(min=1)  # a tensor: reading it back would sync
+        scale = (1.0 / count.float()) if mean else torch.ones((), device=h.device)
+        losses = cross_entropy_rows(logits, targets, scale.reshape(1))
+        ctx.save_for_backward(hb, wb, logits)  # logits now hold the gradient
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.needs = (h.requires_grad, weight.requires_grad)
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The upstream scale (1 / micro-batches) goes onto the small operands, never the logits.
+        hb, wb, g = ctx.saved_tensors
+        s = grad_out.float().reshape(1)
+        gh = gw = None
+        if ctx.needs[0]:
+            gh = scale_(g @ wb, s).to(ctx.dtypes[0])
+        if ctx.needs[1]:
+            gw = _mm_fp32(g.t(), scale_(hb.clone(), s)).to(ctx.dtypes[1])
+        return gh, gw, None, None, None
+
+
+@torch.compiler.disable  # a Triton kernel between compiled graphs; the CUDA graph of a step holds it
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D)) against `targets` (...),
+    mean over counted targets or their sum, with the gradient computed in the forward pass
+    (module docstring). The GEMMs run in the autocast dtype when autocast is on."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+    if not available(h.device):  # a CUDA machine without Triton: the plain cross-entropy
+        logits = torch.nn.functional.linear(h, weight).float()
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=IGNORE, reduction=reduction)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
+                               reduction == "mean", dtype)
