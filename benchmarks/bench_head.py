@@ -126,7 +126,7 @@ def main() -> None:
         e = " / ".join(f"{x:.1e}" for x in r["err"]) if "err" in r else ""
         print(f"| {r['path']} | {r['ms']:.3f} | {peer / r['ms']:.2f}× | {r['ms'] - floor:.3f} | {e} |")
     print(f"\nbest: {','.join(map(str, best['config']))}  (tile, warps, programs per SM); torch.mm out_dtype: "
-          f"{kernels._MM_OUT_DTYPE.get(DEV, True)}")
+          f"{kernels.MM_OUT_DTYPE and DEV == 'cuda'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                                                "shape": [n, v, d], "rows": rows}, indent=1))

@@ -3,9 +3,10 @@
 What is notable:
 - `linear_cross_entropy(h, weight, targets)` is the head GEMM and its cross-entropy for a training
   step on CUDA (`loss_impl = "fused"`, luca.train's default there). One Triton program per token
-  row reads the row's BF16 logits once for the log-sum-exp and the loss, then again (from L2,
-  where the row still sits) to overwrite them in place with d loss / d logits = softmax − one-hot,
-  times the mean's 1/count. Nothing of the (tokens × vocab) logits is written in FP32 and the
+  row reads the row's BF16 logits once for the log-sum-exp and the loss, then again to overwrite
+  them in place with d loss / d logits = softmax − one-hot, times the mean's 1/count (at 50,304
+  logits the second read comes from memory, not L2: grids that keep fewer rows in flight, and rows
+  held whole in registers, measured slower on an H100). Nothing of the (tokens × vocab) logits is written in FP32 and the
   backward pass is two GEMMs. At the GPT-2-small shape (12,288 tokens × 50,304 logits a step)
   the compiled plain cross-entropy reads the logits three times and writes them once
   (benchmarks/bench_train.py measures both).
@@ -28,7 +29,7 @@ IGNORE = -100
 # benchmarks/bench_head.py on an H100.
 BLOCK, WARPS, PROGRAMS = 8192, 8, 0
 _KERNEL: dict = {}
-_MM_OUT_DTYPE: dict = {}  # device type → whether torch.mm takes out_dtype there
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) exists (CUDA only)
 
 
 def available(device: torch.device) -> bool:
@@ -53,7 +54,7 @@ def _kernels():
     def ce_rows(logits, stride, targets, losses, scale, N, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         cols = tl.arange(0, BLOCK)
         # Rows are strided over the programs: with fewer programs than rows (a persistent grid) fewer
-        # rows are in flight, so a row read in pass 1 is still in L2 when pass 2 reads it.
+        # rows are in flight, meant to keep a row in L2 between its two passes (PROGRAMS; 0 measured best).
         for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: row · stride
             base = logits + row * stride
             t = tl.load(targets + row)
@@ -128,13 +129,11 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b of BF16 operands with an FP32 result, straight from the GEMM where torch allows it."""
-    if _MM_OUT_DTYPE.get(a.device.type, True):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[a.device.type] = False
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of BF16 operands with an FP32 result, straight from the GEMM where torch has that
+    (CUDA, torch ≥ 2.8); elsewhere the BF16 product cast up. Also used inside compiled graphs."""
+    if a.is_cuda and MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
 
@@ -160,7 +159,7 @@ class _LinearCE(torch.autograd.Function):
         if ctx.needs[0]:
             gh = scale_(g @ wb, s).to(ctx.dtypes[0])
         if ctx.needs[1]:
-            gw = _mm_fp32(g.t(), scale_(hb.clone(), s)).to(ctx.dtypes[1])
+            gw = mm_fp32(g.t(), scale_(hb.clone(), s)).to(ctx.dtypes[1])
         return gh, gw, None, None, None
 
 

@@ -137,16 +137,20 @@ class _Wgrad32(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xb, wb = ctx.saved_tensors
-        g2, x2 = gy.reshape(-1, gy.shape[-1]), xb.reshape(-1, xb.shape[-1])
-        gw = torch.mm(g2.t(), x2, out_dtype=torch.float32) if gy.is_cuda else (g2.t() @ x2).float()
+        gw = kernels.mm_fp32(gy.reshape(-1, gy.shape[-1]).t(), xb.reshape(-1, xb.shape[-1]))
         return gy @ wb, gw, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool) -> torch.Tensor:
-    """F.linear without bias; with `wgrad32` under autocast, FP32 weight gradients from the GEMM."""
-    if wgrad32 and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; with `wgrad32` under autocast (and no bias), FP32 weight gradients from the GEMM."""
+    if wgrad32 and bias is None and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         return _Wgrad32.apply(x, weight, torch.get_autocast_dtype(x.device.type))
-    return F.linear(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool) -> torch.Tensor:
+    """A projection module applied to x: through `linear` with `wgrad32` (set only for nn.Linear)."""
+    return linear(x, m.weight, True, m.bias) if wgrad32 else m(x)
 
 
 class KVCache:
@@ -192,13 +196,10 @@ class Attention(nn.Module):
             # concatenation fuses with the weights' cast to BF16, which autocast makes anyway.
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
-            qkv = F.linear(x, torch.cat([m.weight for m in lins]), bias) if cfg.qkv_bias else \
-                linear(x, torch.cat([m.weight for m in lins]), self.wgrad32)
+            qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias)
             q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
-        elif self.wgrad32 and not cfg.qkv_bias:
-            q, k, v = (linear(x, m.weight, True) for m in (self.q_proj, self.k_proj, self.v_proj))
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (proj(m, x, self.wgrad32) for m in (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(B, T, cfg.n_heads, cfg.head_dim)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
@@ -220,7 +221,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
-        return linear(y, self.o_proj.weight, True) if self.wgrad32 else self.o_proj(y)
+        return proj(self.o_proj, y, self.wgrad32)
 
 
 def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -240,12 +241,9 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.fused:  # as Attention's q, k, v
             gate, up = linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]), self.wgrad32).chunk(2, dim=-1)
-        elif self.wgrad32:
-            gate, up = linear(x, self.gate_proj.weight, True), linear(x, self.up_proj.weight, True)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        h = F.silu(gate) * up
-        return linear(h, self.down_proj.weight, True) if self.wgrad32 else self.down_proj(h)
+            gate, up = proj(self.gate_proj, x, self.wgrad32), proj(self.up_proj, x, self.wgrad32)
+        return proj(self.down_proj, F.silu(gate) * up, self.wgrad32)
 
 
 class Block(nn.Module):
