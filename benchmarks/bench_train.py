@@ -78,6 +78,10 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-mix-split-128": ("luca with mix-order reductions split 128 rows per program",
                            {"inductor": {"triton.mix_order_reduction_split_size": 128}}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
+    "luca-no-keep": ("luca with autograd adding each micro-batch's weight gradients (no keep_grads)", {"keep": False}),
+    "luca-no-cache": ("luca casting the weights to BF16 in every micro-batch (no cache_weights)", {"cache": False}),
+    "luca-neither": ("luca with neither keep_grads nor cache_weights (the accumulation before)",
+                     {"keep": False, "cache": False}),
 }
 
 
@@ -216,7 +220,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     from luca.step import BadSteps, Stepper
     from luca.train import TrainConfig, build
     dd = init_distributed(device)
-    cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world, lr=6e-4,
+    cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world * max_accum, lr=6e-4,
                       compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
                       loss_impl=settings.get("loss_impl", "auto"), cuda_graph=settings.get("graph", True))
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
@@ -228,6 +232,10 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
+    if not settings.get("keep", True) and raw.grads_kept:
+        raw.keep_grads(False)
+    if not settings.get("cache", True) and raw.weights_cached:
+        raw.cache_weights(False)
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))
@@ -337,7 +345,7 @@ def check_failed_capture(data: list, device, steps: int = 6) -> dict:
             and losses[-1] < losses[0]}
 
 
-def hf_step_fn(device):
+def hf_step_fn(device, accum: int = 1):
     from transformers import LlamaConfig, LlamaForCausalLM
     from luca.optim import param_groups
     from luca.model import ModelConfig
@@ -350,13 +358,14 @@ def hf_step_fn(device):
     model.train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), fused=DEV == "cuda")
     fwd = torch.compile(model)
-    data = random_batches(8, device)
+    data = random_batches(max(8, accum), device)
 
     def step(i: int):
-        batch = data[i % len(data)]
-        with torch.autocast(DEV, dtype=torch.bfloat16):
-            loss = fwd(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts the labels itself
-        loss.backward()
+        for m in range(accum):
+            batch = data[(i * accum + m) % len(data)]
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                loss = fwd(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts the labels itself
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -377,19 +386,20 @@ def _peak_gib(device) -> float:
     return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if DEV == "cuda" else 0.0
 
 
-def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool) -> dict:
+def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool, accum: int = 1) -> dict:
     device = _device()
     settings = VARIANTS[name][1]
     ctx = _sdpa_context(settings.get("sdpa"))
     with ctx:
         if name == "transformers":
-            step, n = hf_step_fn(device)
+            step, n = hf_step_fn(device, accum)
         else:
-            step, n, _ = luca_step_fn(settings, device)
+            luca_step, n, _ = luca_step_fn(settings, device, accum)
+            step = lambda i: luca_step(i, accum)  # noqa: E731
         res = time_steps(step, warmup, reps, per_rep)
         if profile:
             res["profile"] = profile_breakdown(step, name=name)
-    res.update(variant=name, params=n, tokens_per_step=B * T,
+    res.update(variant=name, params=n, tokens_per_step=accum * B * T, accum=accum,
                max_memory_gib=_peak_gib(device))
     return res
 
@@ -460,26 +470,27 @@ def bench(a) -> None:
             continue
         log(f"-- {name} ({left:.0f} s left)")
         cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
-               "--per-rep", str(a.per_rep)] + (["--profile"] if name in a.profiled.split(",") else [])
+               "--per-rep", str(a.per_rep), "--accum", str(a.accum)] + (["--profile"] if name in a.profiled.split(",") else [])
         results[name] = _worker(cmd, left - 5)
         log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
         _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
 
     peer = results.get("transformers", {}).get("ms_per_step")
-    table = Table(title=f"training step, GPT-2-small shape (12×768, T={T}, micro-batch {B}, vocab 50304, BF16) "
-                        f"on {gpu}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
-    for col in ("variant", "tokens/s", "ms/step", "MFU", "vs transformers", "peak GiB", "first step s"):
+    table = Table(title=f"training step, GPT-2-small shape (12×768, T={T}, micro-batch {B}, vocab 50304, BF16), "
+                        f"{a.accum} micro-batch(es) per optimizer step, on {gpu}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+    for col in ("variant", "tokens/s", "ms/micro-batch", "MFU", "vs transformers", "peak GiB", "first step s"):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    md = ["| variant | tokens/s | ms/step | MFU | vs transformers | peak GiB | first step s |",
+    md = ["| variant | tokens/s | ms/micro-batch | MFU | vs transformers | peak GiB | first step s |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if "ms_per_step" not in r:
             row = [name, "-", "-", "-", "-", "-", r.get("error", "")[:60]]
         else:
-            tps = B * T / (r["ms_per_step"] / 1e3)
+            tps = r["tokens_per_step"] / (r["ms_per_step"] / 1e3)
             mfu = tps * flops_per_token(r["params"]) / (ceiling * 1e12)
             ratio = f"{peer / r['ms_per_step']:.2f}×" if peer else "-"
-            row = [name, f"{tps:,.0f}", f"{r['ms_per_step']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f})",
+            k = r.get("accum", 1)
+            row = [name, f"{tps:,.0f}", f"{r['ms_per_step'] / k:.2f} ({r['ms_min'] / k:.2f}–{r['ms_max'] / k:.2f})",
                    f"{mfu:.1%}", ratio, f"{r['max_memory_gib']:.1f}", f"{r['first_step_s']:.0f}"]
             r.update(tokens_per_s=tps, mfu=mfu)
         table.add_row(*row)
@@ -496,7 +507,7 @@ def bench(a) -> None:
             con.print(f"GPU timeline: {gaps['kernels_per_step']:.0f} kernels/step, span {gaps['span_ms_per_step']:.2f} "
                       f"ms/step, idle {gaps['idle_ms_per_step']:.2f} ms/step; largest gaps (µs): {gaps['largest'][:6]}")
     if loader:
-        step_ms = results.get("luca", {}).get("ms_per_step")
+        step_ms = results.get("luca", {}).get("ms_per_step", 0) / a.accum or None
         share = f" = {loader['loader_ms_per_micro_batch'] / step_ms:.2%} of luca's step" if step_ms else ""
         con.print(f"data loader (memmap → stack → pin, {loader['train_tokens']:,}-token shards): "
                   f"{loader['loader_ms_per_micro_batch']:.3f} ms per {B}×{T + 1} micro-batch{share} "
@@ -544,6 +555,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--per-rep", type=int, default=20)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step (nano-n2 accumulates 40 on one GPU)")
     p.add_argument("--profiled", default="luca", help="variants whose GPU kernels are profiled (comma list)")
     p.add_argument("--out", help="folder for bench.json / bench.md (default: $OUT if set)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -585,7 +598,8 @@ def main() -> None:
               + " ".join(f"{x:.4f}" for x in fb["losses"]))
         _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph.json", r)
     elif a.variant:
-        print("RESULT " + json.dumps(run_variant(a.variant, a.warmup, a.reps, a.per_rep, a.profile)), flush=True)
+        print("RESULT " + json.dumps(run_variant(a.variant, a.warmup, a.reps, a.per_rep, a.profile, a.accum)),
+              flush=True)
     elif a.dist:
         runs = run_dist([int(x) for x in a.accums.split(",")], a.warmup, a.reps, a.per_rep)
         if int(os.environ.get("RANK", 0)) == 0:

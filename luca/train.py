@@ -84,6 +84,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
+    inplace_accum: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients in place (luca/model.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -319,6 +320,12 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
+        if cfg.inplace_accum and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len \
+                and hasattr(trunk, "keep_grads"):
+            # Accumulation on one GPU: the GEMMs add weight gradients in place, and the weights are cast
+            # to BF16 once per step instead of once per micro-batch (luca/model.py).
+            trunk.keep_grads()
+            trunk.cache_weights()
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
