@@ -78,10 +78,8 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-mix-split-128": ("luca with mix-order reductions split 128 rows per program",
                            {"inductor": {"triton.mix_order_reduction_split_size": 128}}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
-    "luca-no-keep": ("luca with autograd adding each micro-batch's weight gradients (no keep_grads)", {"keep": False}),
-    "luca-no-cache": ("luca casting the weights to BF16 in every micro-batch (no cache_weights)", {"cache": False}),
-    "luca-neither": ("luca with neither keep_grads nor cache_weights (the accumulation before)",
-                     {"keep": False, "cache": False}),
+    "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
+                       {"cache": False}),
 }
 
 
@@ -232,8 +230,6 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
-    if not settings.get("keep", True) and raw.grads_kept:
-        raw.keep_grads(False)
     if not settings.get("cache", True) and raw.weights_cached:
         raw.cache_weights(False)
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")

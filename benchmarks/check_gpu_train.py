@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/luca_gpu_check")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
-    p.add_argument("--runs", default="no-graph,again,resumed,full-ce,no-inplace",
+    p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
                    help="training runs beside the default one (with the graph), per seed where it applies")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
@@ -96,8 +96,8 @@ def main() -> None:
             run("train-no-graph", cuda_graph=False, seed=seed)
         if "full-ce" in runs:  # the compiled plain cross-entropy instead of luca's kernel (luca/kernels.py)
             run("train-full-ce", loss_impl="full", seed=seed)
-        if "no-inplace" in runs:  # autograd's accumulation and per-micro-batch casts (train.inplace_accum)
-            run("train-no-inplace", inplace_accum=False, seed=seed)
+        if "cast-each" in runs:  # weights cast in every micro-batch, not once per step (train.cast_once)
+            run("train-cast-each", cast_once=False, seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:

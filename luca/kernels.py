@@ -137,45 +137,9 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-_ADDMM_INTO: dict = {}  # device index → whether addmm writes an FP32 accumulator from BF16 operands in place
-
-
-def _addmm_into_ok(device: torch.device) -> bool:
-    """Probe (once per device, outside any graph capture) for addmm's out_dtype overload with an FP32
-    `self` that is also `out`: newer torch has it; older builds insist that self be BF16."""
-    if device.index not in _ADDMM_INTO:
-        if torch.cuda.is_current_stream_capturing():
-            return False  # no probing inside a capture: the plain path is always correct
-        try:
-            c = torch.zeros(8, 8, device=device)
-            one = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
-            for _ in range(2):
-                torch.addmm(c, one, one, out_dtype=torch.float32, out=c)
-            _ADDMM_INTO[device.index] = bool((c == 16).all())
-        except (RuntimeError, TypeError):
-            _ADDMM_INTO[device.index] = False
-    return _ADDMM_INTO[device.index]
-
-
-@torch.library.custom_op("luca::mm_accumulate_", mutates_args=("acc",))
-def mm_accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for BF16 a, b and an FP32 `acc`: on CUDA in the GEMM itself (beta = 1, so the
-    accumulator is read in the epilogue instead of by a separate add kernel), elsewhere as an add of
-    `mm_fp32`. A custom op so that compiled backward graphs keep it whole, mutation included."""
-    if a.is_cuda and MM_OUT_DTYPE and _addmm_into_ok(a.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.add_(mm_fp32(a, b))
-
-
-@mm_accumulate_.register_fake
-def _(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    return None
-
-
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, mean: bool, dtype: torch.dtype, acc, cached):
+    def forward(ctx, h, weight, targets, mean: bool, dtype: torch.dtype, cached):
         hb = h.to(dtype)
         wb = cached if cached is not None and cached.dtype == dtype else weight.to(dtype)
         logits = hb @ wb.t()
@@ -183,7 +147,6 @@ class _LinearCE(torch.autograd.Function):
         scale = (1.0 / count.float()) if mean else torch.ones((), device=h.device)
         losses = cross_entropy_rows(logits, targets, scale.reshape(1))
         ctx.save_for_backward(hb, wb, logits)  # logits now hold the gradient
-        ctx.acc = acc  # the weight's FP32 gradient buffer to accumulate into, or None (autograd's way)
         ctx.dtypes = (h.dtype, weight.dtype)
         ctx.needs = (h.requires_grad, weight.requires_grad)
         return losses.sum() * scale
@@ -196,22 +159,18 @@ class _LinearCE(torch.autograd.Function):
         gh = gw = None
         if ctx.needs[0]:
             gh = scale_(g @ wb, s).to(ctx.dtypes[0])
-        if ctx.needs[1] and ctx.acc is not None:
-            mm_accumulate_(ctx.acc, g.t(), scale_(hb.clone(), s))
-        elif ctx.needs[1]:
+        if ctx.needs[1]:
             gw = mm_fp32(g.t(), scale_(hb.clone(), s)).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None
 
 
 @torch.compiler.disable  # a Triton kernel between compiled graphs; the CUDA graph of a step holds it
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         reduction: str = "mean", acc: torch.Tensor | None = None,
-                         cached: torch.Tensor | None = None) -> torch.Tensor:
+                         reduction: str = "mean", cached: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D)) against `targets` (...),
     mean over counted targets or their sum, with the gradient computed in the forward pass
-    (module docstring). The GEMMs run in the autocast dtype when autocast is on. With `acc` (the
-    weight's FP32 `.grad`), the weight's gradient is added to it by the GEMM instead of returned;
-    `cached` is the weight already cast to the compute dtype, read instead of a new cast."""
+    (module docstring). The GEMMs run in the autocast dtype when autocast is on. `cached` is the
+    weight already cast to the compute dtype, read instead of a new cast."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     if not available(h.device):  # a CUDA machine without Triton: the plain cross-entropy
@@ -222,4 +181,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         return _LinearCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                               reduction == "mean", dtype, acc, cached)
+                               reduction == "mean", dtype, cached)

@@ -25,6 +25,8 @@ What is notable:
   optionally, q/k/v) run as one GEMM, their weights concatenated in the forward pass (the
   parameters and the checkpoint keep Hugging Face's separate names); optionally the residual
   stream is kept in BF16 under autocast instead of FP32 (half the bytes through norms and adds).
+  With gradient accumulation, `cache_weights` casts the weights to BF16 once per optimizer step for
+  all its micro-batches (read only with gradients enabled, so a stale copy is never used).
 - This module imports torch and, of luca, only luca.kernels (itself torch only; Triton on use).
 """
 from __future__ import annotations
@@ -129,40 +131,36 @@ class _Wgrad32(torch.autograd.Function):
     then cast up to the FP32 parameter's dtype in a separate pass."""
 
     @staticmethod
-    def forward(ctx, x, w, dtype, acc, wb):
+    def forward(ctx, x, w, dtype, wb):
         xb, wb = x.to(dtype), (w.to(dtype) if wb is None else wb)
-        ctx.save_for_backward(xb, wb, acc)
+        ctx.save_for_backward(xb, wb)
         return xb @ wb.t()
 
     @staticmethod
     def backward(ctx, gy):
-        xb, wb, acc = ctx.saved_tensors
-        a, b = gy.reshape(-1, gy.shape[-1]).t(), xb.reshape(-1, xb.shape[-1])
-        if acc is not None:  # added to the gradient buffer by the GEMM: autograd gets nothing to add
-            kernels.mm_accumulate_(acc, a, b)
-            return gy @ wb, None, None, None, None
-        return gy @ wb, kernels.mm_fp32(a, b), None, None, None
+        xb, wb = ctx.saved_tensors
+        gw = kernels.mm_fp32(gy.reshape(-1, gy.shape[-1]).t(), xb.reshape(-1, xb.shape[-1]))
+        return gy @ wb, gw, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool, bias: torch.Tensor | None = None,
-           acc: torch.Tensor | None = None, cached: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; with `wgrad32` under autocast (and no bias), FP32 weight gradients from the GEMM,
-    added by the GEMM to `acc` (the weight's kept FP32 gradient, `keep_grads`) when it is given.
+           cached: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; with `wgrad32` under autocast (and no bias), FP32 weight gradients from the GEMM.
     `cached`: the weight already cast to the autocast dtype (`cache_weights`), read instead of a
     new cast in a training forward."""
     if wgrad32 and bias is None and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         use = cached is not None and cached.dtype == dtype and torch.is_grad_enabled()
-        return _Wgrad32.apply(x, weight, dtype, acc, cached if use else None)
+        return _Wgrad32.apply(x, weight, dtype, cached if use else None)
     return F.linear(x, weight, bias)
 
 
-def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, into: bool = False, cached: bool = False) -> torch.Tensor:
+def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, cached: bool = False) -> torch.Tensor:
     """A projection module applied to x: through `linear` with `wgrad32` (set only for nn.Linear),
-    into its weight's kept gradient with `into`, from its cached low-precision weight with `cached`."""
+    from its cached low-precision weight with `cached`."""
     if not wgrad32:
         return m(x)
-    return linear(x, m.weight, True, m.bias, m.weight.grad if into else None, m.weight_lp if cached else None)
+    return linear(x, m.weight, True, m.bias, m.weight_lp if cached else None)
 
 
 class KVCache:
@@ -199,7 +197,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
         self.fused = False  # q, k, v as one GEMM (Transformer.set_gpu_training)
         self.wgrad32 = False  # weight gradients straight from the GEMM in FP32 (`linear`)
-        self.into = False  # ... added by the GEMM to kept gradient buffers (Transformer.keep_grads)
         self.cached = False  # the projections read weights cast once per step (Transformer.cache_weights)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
@@ -213,7 +210,7 @@ class Attention(nn.Module):
             qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias)
             q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
         else:
-            q, k, v = (proj(m, x, self.wgrad32, self.into, self.cached) for m in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (proj(m, x, self.wgrad32, self.cached) for m in (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(B, T, cfg.n_heads, cfg.head_dim)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
@@ -235,7 +232,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
-        return proj(self.o_proj, y, self.wgrad32, self.into, self.cached)
+        return proj(self.o_proj, y, self.wgrad32, self.cached)
 
 
 def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -250,18 +247,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.fused = False  # gate and up as one GEMM (Transformer.set_gpu_training)
-        self.wgrad32 = self.into = self.cached = False  # as Attention's
-        self.gate_up_grad: torch.Tensor | None = None  # kept gradients of gate and up are views of it
-        self.gate_up_lp: torch.Tensor | None = None  # and their cached low-precision weights
+        self.wgrad32 = self.cached = False  # as Attention's
+        self.gate_up_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
 
     def forward(self, x):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gate, up = linear(x, w, self.wgrad32, acc=self.gate_up_grad if self.into else None,
-                              cached=self.gate_up_lp if self.cached else None).chunk(2, dim=-1)
+            gate, up = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None).chunk(2, dim=-1)
         else:
-            gate, up = (proj(m, x, self.wgrad32, self.into, self.cached) for m in (self.gate_proj, self.up_proj))
-        return proj(self.down_proj, F.silu(gate) * up, self.wgrad32, self.into, self.cached)
+            gate, up = (proj(m, x, self.wgrad32, self.cached) for m in (self.gate_proj, self.up_proj))
+        return proj(self.down_proj, F.silu(gate) * up, self.wgrad32, self.cached)
 
 
 class Block(nn.Module):
@@ -300,7 +295,6 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
-        self.grads_kept = False  # see keep_grads
         self.weights_cached = False  # see cache_weights
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
         self.init_rope()
@@ -330,30 +324,6 @@ class Transformer(nn.Module):
             a.wgrad32 = m.wgrad32 = on and wgrad32 and all(
                 type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
                                                m.down_proj))
-
-    def keep_grads(self, on: bool = True) -> None:
-        """Keep every gradient allocated between steps (zeroed in place, never freed) and let the
-        projections' and the head's GEMMs add their FP32 weight gradients to them directly (cuBLAS's
-        beta = 1; `linear`'s `acc`). With gradient accumulation this replaces autograd's add of each
-        weight gradient, a read and a write of all FP32 gradients per micro-batch. Needs `wgrad32`;
-        one process only (DDP and FSDP hook the autograd accumulation this bypasses). The optimizer
-        must then zero gradients in place: luca.step does so for a model with `grads_kept`."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        for p in params:
-            p.grad = None
-        self.grads_kept = on
-        for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            a.into = m.into = on and a.wgrad32
-            m.gate_up_grad = None
-            if m.into and m.fused:  # the fused GEMM's gradient is one (2·d_ff, d) buffer: both grads are views
-                g, u = m.gate_proj.weight, m.up_proj.weight
-                m.gate_up_grad = torch.zeros(g.shape[0] + u.shape[0], g.shape[1], device=g.device, dtype=g.dtype)
-                g.grad, u.grad = m.gate_up_grad[:g.shape[0]], m.gate_up_grad[g.shape[0]:]
-        if on:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
 
     def cache_weights(self, on: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
         """Copies of the projections' and the head's weights in `dtype`, made once per optimizer step
@@ -456,20 +426,18 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.grads_kept, self.weights_cached)
+        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.weights_cached)
 
 
 def head_loss(impl: str, h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str,
-              into: bool = False, cached: bool = False) -> torch.Tensor:
+              cached: bool = False) -> torch.Tensor:
     """The cross-entropy of the head's logits by `loss_impl` (module docstring); shared with luca.baseline.
-    `into`: the kernel adds the head's weight gradient to its kept `.grad` (Transformer.keep_grads);
-    `cached`: it reads the head's weight cast once per step (Transformer.cache_weights)."""
+    `cached`: the kernel reads the head's weight cast once per step (Transformer.cache_weights)."""
     if reduction != "none":
         if impl == "fused" and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             if torch.is_autocast_enabled(h.device.type):  # cast here, where the compiler fuses it with the norm
                 h = h.to(torch.get_autocast_dtype(h.device.type))
             return kernels.linear_cross_entropy(h, head.weight, targets, reduction,
-                                                head.weight.grad if into else None,
                                                 head.weight_lp if cached else None)
         if impl in ("full", "fused"):
             logits = head(h).float()

@@ -30,15 +30,14 @@ WARMUP_STEPS = 2  # ordinary steps before the capture: compile the graphs, creat
 
 def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Optimizer,
                micro_batches: list[torch.Tensor], grad_clip: float, autocast, world: int = 1,
-               fold_clip: bool = False, keep_grads: bool = False):
+               fold_clip: bool = False):
     """Forward, backward, clip and update over one step's micro-batches (each (B, T+1) token ids).
 
     Returns device tensors (summed micro-batch loss, gradient norm, whether the step was taken)
     without reading anything back when the optimizer is fused; otherwise `ok` is read to skip.
-    `fold_clip` (fused AdamW, no FSDP) clips through the kernel's `grad_scale`. `keep_grads`: the
-    gradients are zeroed in place, not freed (a model with `grads_kept`: luca/model.py)."""
+    `fold_clip` (fused AdamW, no FSDP) clips through the kernel's `grad_scale`."""
     accum = len(micro_batches)
-    for m in raw.modules():  # weights cast once per step for all micro-batches (luca/model.py)
+    for m in raw.modules():  # weights cast once per step for all its micro-batches (luca/model.py)
         if getattr(m, "weights_cached", False):
             m.refresh_weights()
     loss_sum = torch.zeros((), device=micro_batches[0].device)
@@ -59,7 +58,7 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             opt.step()
         elif bool(ok):
             opt.step()
-    opt.zero_grad(set_to_none=not keep_grads)
+    opt.zero_grad(set_to_none=True)
     return loss_sum, gnorm, ok
 
 
@@ -97,7 +96,6 @@ class Stepper:
         self.fold_clip = fused and not (fsdp and world > 1)  # FSDP2's sharded norms need clip_grad_norm_
         device = next(raw.parameters()).device
         self.graph_wanted = cuda_graph and device.type == "cuda" and world == 1 and self.fold_clip
-        self.keep_grads = grads_kept(raw)
         self.say, self.calls, self.graph = say, 0, None
         self.static: list[torch.Tensor] = []
         self.lr: torch.Tensor | None = None
@@ -111,7 +109,7 @@ class Stepper:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             return train_step(self.model, self.raw, self.opt, micro_batches, self.grad_clip, self.autocast,
-                              self.world, self.fold_clip, self.keep_grads)
+                              self.world, self.fold_clip)
         for s, b in zip(self.static, micro_batches):
             s.copy_(b, non_blocking=True)
         self.lr.fill_(lr)
@@ -136,8 +134,7 @@ class Stepper:
             self.static = [b.clone() for b in micro_batches]
             for g in opt.param_groups:
                 g["lr"], g["capturable"] = self.lr, True  # the kernel reads lr from device memory
-            # gradients are then allocated (and kept) in the graph's pool, unless they are kept anyway
-            opt.zero_grad(set_to_none=not self.keep_grads)
+            opt.zero_grad(set_to_none=True)  # gradients are then allocated (and kept) in the graph's pool
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph takes its own pool
             graph = torch.cuda.CUDAGraph()
@@ -145,7 +142,7 @@ class Stepper:
             # capture forbids (it failed about 1 capture in 20 on an H100).
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.out = train_step(self.model, self.raw, opt, self.static, self.grad_clip, self.autocast,
-                                      self.world, True, self.keep_grads)
+                                      self.world, fold_clip=True)
             self.graph = graph
         except Exception as e:  # noqa: BLE001 - any op that cannot be captured: run steps ordinarily
             self.say(f"CUDA graph capture failed ({str(e).strip().splitlines()[0][:160]}); "
@@ -153,14 +150,9 @@ class Stepper:
             self.out, self.static, self.lr = None, [], None
             if stream is not None:  # a capture that failed inside leaves its side stream current
                 torch.cuda.set_stream(stream)
-            opt.zero_grad(set_to_none=not self.keep_grads)
+            opt.zero_grad(set_to_none=True)
         for g, (lr, cap) in zip(opt.param_groups, saved):
             g["lr"], g["capturable"] = lr, cap
-
-
-def grads_kept(model: torch.nn.Module) -> bool:
-    """Whether `model` (or a module in it) keeps its gradients allocated (luca/model.py's keep_grads)."""
-    return any(getattr(m, "grads_kept", False) for m in model.modules())
 
 
 class BadSteps:

@@ -84,7 +84,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
-    inplace_accum: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients in place (luca/model.py)
+    cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -320,12 +320,9 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
-        if cfg.inplace_accum and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len \
-                and hasattr(trunk, "keep_grads"):
-            # Accumulation on one GPU: the GEMMs add weight gradients in place, and the weights are cast
-            # to BF16 once per step instead of once per micro-batch (luca/model.py).
-            trunk.keep_grads()
-            trunk.cache_weights()
+        if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len \
+                and hasattr(trunk, "cache_weights"):
+            trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from luca.model import ModelConfig, Transformer
@@ -105,96 +106,31 @@ def test_under_ddp_only_the_shared_norm_decides_a_skip():
         assert torch.isfinite(gnorm) and bool(ok) is taken and float(opt.found_inf) == (not taken)
 
 
-def _kept_pair(fuse: bool):
+def _cached_pair(fuse: bool):
     """Two copies of a tied-embedding model on the BF16 GPU path (wgrad32, head kernel under the
-    interpreter); the second keeps its gradients and lets the GEMMs add into them."""
+    interpreter); the second casts its weights once per step (`cache_weights`)."""
     torch.manual_seed(0)
     a = Transformer(CFG)
     a.loss_impl = "fused"
     a.set_gpu_training(True, fuse_qkv=fuse)
     b = copy.deepcopy(a)
-    b.keep_grads()
+    b.cache_weights()
     return a, b
 
 
-def test_kept_gradients_equal_autograds_accumulation():
-    """Three micro-batches: the projections' weight gradients added in place by the GEMMs equal
-    autograd's sum bitwise (the same FP32 adds in the same order); the tied embedding (head GEMM
-    plus embedding lookup, summed in another order) to FP32 rounding."""
-    for fuse in (False, True):
-        a, b = _kept_pair(fuse)
-        assert b.grads_kept and all(blk.mlp.into and blk.self_attn.into for blk in b.model.layers)
-        mlp = b.model.layers[0].mlp
-        assert mlp.gate_proj.weight.grad.data_ptr() == mlp.gate_up_grad.data_ptr()  # views of one buffer
-        g = torch.Generator().manual_seed(2)
-        for _ in range(3):
-            batch = torch.randint(0, 256, (2, 33), generator=g)
-            for m in (a, b):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = m(batch[:, :-1], batch[:, 1:])
-                (loss / 3).backward()
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-            if "embed" in name:
-                torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
-            else:
-                assert torch.equal(pa.grad, pb.grad), (fuse, name)
-            assert pb.grad.abs().sum() > 0, name
-
-
-def test_kept_gradients_train_as_autograds_and_stay_allocated():
-    """Stepper steps over 3 micro-batches with kept gradients follow the ordinary model; afterwards
-    the gradients are zeroed in place (the same storage), not freed."""
-    a, b = _kept_pair(False)
-    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
-    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    sa = Stepper(a, a, oa, 1.0, autocast, 1, False, True)
-    sb = Stepper(b, b, ob, 1.0, autocast, 1, False, True)
-    assert sb.keep_grads and not sa.keep_grads
-    ptrs = [p.grad.data_ptr() for p in b.parameters()]
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(3)]
-        la, _, _ = sa(batches, 1e-2)
-        lb, _, _ = sb(batches, 1e-2)
-        torch.testing.assert_close(lb, la, rtol=1e-4, atol=0)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pb, pa, rtol=0, atol=1e-4)
-    assert [p.grad.data_ptr() for p in b.parameters()] == ptrs
-    assert all(not p.grad.any() for p in b.parameters()) and all(p.grad is None for p in a.parameters())
-    b.keep_grads(False)
-    assert all(p.grad is None for p in b.parameters()) and not b.model.layers[0].mlp.into
-
-
-def test_kept_gradients_under_torch_compile():
-    """The in-place accumulation is a custom op with a declared mutation: a compiled model's
-    backward keeps it, and its gradients equal those of the compiled model without kept gradients."""
-    a, b = _kept_pair(False)
-    ca, cb = torch.compile(a), torch.compile(b)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(2):
-        batch = torch.randint(0, 256, (2, 33), generator=g)
-        for m in (ca, cb):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = m(batch[:, :-1], batch[:, 1:])
-            (loss / 2).backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=name)
-        assert pb.grad.abs().sum() > 0, name
-
-
-def test_cached_weights_train_bitwise_as_casts_and_never_go_stale():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cached_weights_train_bitwise_as_casts_and_never_go_stale(compiled):
     """Weights cast to BF16 once per step (`cache_weights`) give bitwise the same steps as casting in
-    every micro-batch, also after the weights are changed outside a step (a checkpoint load), and a
-    forward without gradients (validation) reads the FP32 weights, not the copies."""
-    for fuse in (False, True):
-        a, b = _kept_pair(fuse)
-        a.keep_grads()
-        b.cache_weights()
+    every micro-batch (eagerly; compiled to rounding), also after the weights are changed outside a step (a checkpoint load), and a
+    forward without gradients (validation) reads the FP32 weights, not the copies. Compiled too: the
+    compiler must read the copies where they are, not fold them in as constants."""
+    for fuse in (False, True) if not compiled else (False,):
+        a, b = _cached_pair(fuse)
         assert b.weights_cached and b.lm_head.weight_lp.dtype == torch.bfloat16
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        steppers = [Stepper(m, m, torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), 1.0, autocast, 1, False,
-                            True) for m in (a, b)]
+        steppers = [Stepper(torch.compile(m) if compiled else m, m,
+                            torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), 1.0, autocast, 1, False, True)
+                    for m in (a, b)]
         g = torch.Generator().manual_seed(5)
         for i in range(3):
             if i == 2:  # weights changed between steps: the copies must follow
@@ -203,9 +139,10 @@ def test_cached_weights_train_bitwise_as_casts_and_never_go_stale():
                     m.load_state_dict(other)
             batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(2)]
             la, lb = (s(batches, 1e-2)[0] for s in steppers)
-            assert torch.equal(la, lb), (fuse, i)
+            # compiled, the two graphs may fuse (and so round) differently: close, not bitwise
+            torch.testing.assert_close(lb, la, rtol=1e-4 if compiled else 0, atol=0, msg=f"{fuse} {i}")
         for pa, pb in zip(a.parameters(), b.parameters()):
-            assert torch.equal(pa, pb)
+            torch.testing.assert_close(pb, pa, rtol=0, atol=1e-5 if compiled else 0)
         # the copies now lag the optimizer's last update: a no-grad forward must not read them
         assert not torch.equal(b.lm_head.weight_lp, b.lm_head.weight.to(torch.bfloat16))
         x = torch.randint(0, 256, (2, 33), generator=g)
