@@ -5,7 +5,9 @@ One run (under 10 minutes on an H100) measures, in this order:
 2. the data loader on real memory-mapped shards (`--data DIR`, a luca data directory): the time to
    read, stack and pin one micro-batch, against the step time;
 3. training steps at the GPT-2-small shape (12 layers, width 768, 12 heads, sequence 1024,
-   micro-batch 12, vocab 50304, BF16 autocast, AdamW, grad clip 1.0) on random tokens, each
+   micro-batch 12, vocab 50304, BF16 autocast, AdamW, grad clip 1.0) on random tokens, with
+   `--accum` micro-batches per optimizer step (default 40: nano-n2's own 491,520-token step on one
+   GPU; the peer accumulates the same way; `--accum 1` updates after every micro-batch), each
    variant in its own process: luca through the same `build` / `Stepper` as `luca train`
    (whole-model `torch.compile`, fused AdamW with the clip folded in and on-device step skipping,
    FlashAttention through SDPA, the head's cross-entropy in luca's Triton kernel, the whole step replayed as one
@@ -545,14 +547,15 @@ def scaling(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a luca data directory (token shards) for the loader measurement")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="luca,transformers,luca-cast-each,luca-bf16-residual",
+                   help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--min-left", type=float, default=75, help="skip a variant with less than this left")
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--per-rep", type=int, default=20)
-    p.add_argument("--accum", type=int, default=1,
-                   help="micro-batches per optimizer step (nano-n2 accumulates 40 on one GPU)")
+    p.add_argument("--accum", type=int, default=40,
+                   help="micro-batches per optimizer step (40: nano-n2's own step on one GPU; 1: an update each)")
+    p.add_argument("--warmup", type=int, help="steps before timing (default 8, or 3 with --accum > 4)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default 5, or 3 with --accum > 4)")
+    p.add_argument("--per-rep", type=int, help="steps per repetition (default 20, or 2 with --accum > 4)")
     p.add_argument("--profiled", default="luca", help="variants whose GPU kernels are profiled (comma list)")
     p.add_argument("--out", help="folder for bench.json / bench.md (default: $OUT if set)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -565,6 +568,11 @@ def main() -> None:
     p.add_argument("--no-optimize-ddp", action="store_true",
                    help="--scaling: compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
     a = p.parse_args()
+    # a step of 40 micro-batches takes about a second on an H100: fewer of them are timed
+    long_steps = (max(int(x) for x in a.accums.split(",")) if a.scaling else a.accum) > 4
+    a.warmup = a.warmup if a.warmup is not None else 3 if long_steps else 8
+    a.reps = a.reps if a.reps is not None else 3 if long_steps else 5
+    a.per_rep = a.per_rep if a.per_rep is not None else 2 if long_steps else 20
     if a.no_optimize_ddp:
         os.environ["BENCH_NO_OPTIMIZE_DDP"] = "1"
     if a.deterministic:  # before cuBLAS starts: its deterministic mode needs a fixed workspace
