@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
+                   # also bf16-residual (per seed, like no-graph, full-ce and cast-each)
                    help="training runs beside the default one (with the graph), per seed where it applies")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
@@ -98,6 +99,8 @@ def main() -> None:
             run("train-full-ce", loss_impl="full", seed=seed)
         if "cast-each" in runs:  # weights cast in every micro-batch, not once per step (train.cast_once)
             run("train-cast-each", cast_once=False, seed=seed)
+        if "bf16-residual" in runs:  # the residual stream in BF16 (train.bf16_residual)
+            run("train-bf16-residual", bf16_residual=True, seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
@@ -138,6 +141,23 @@ def main() -> None:
         bpb = f"{r['val_bpb']:.4f}" if "val_bpb" in r else f"chat val loss {r.get('val_loss_after')}"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         print(f"| {name} | {bpb} | {r.get('final_loss', r.get('final_train_loss'))} | {tps} | {r['wall_s']:.0f} |")
+    paired(rows, [int(x) for x in a.seeds.split(",")])
+
+
+def paired(rows: dict, seeds: list[int]) -> None:
+    """Per-seed runs against the default one of the same seed: mean val BPB difference, paired t-test."""
+    from luca.compare import paired_t_test
+    kinds = sorted({n.rsplit(" seed ", 1)[0] for n in rows if " seed " in n} - {"train-graph"})
+    for kind in kinds:
+        pairs = [(rows[f"train-graph seed {s}"]["val_bpb"], rows[f"{kind} seed {s}"]["val_bpb"]) for s in seeds
+                 if f"{kind} seed {s}" in rows and f"train-graph seed {s}" in rows]
+        if len(pairs) < 2:
+            continue
+        base, other = [p[0] for p in pairs], [p[1] for p in pairs]
+        diffs = [(b - g) / g for g, b in pairs]
+        _, p = paired_t_test(base, other)
+        print(f"{kind} vs train-graph over {len(pairs)} seeds: val BPB {sum(diffs) / len(diffs):+.2%} on average "
+              f"(lower on {sum(d < 0 for d in diffs)}/{len(pairs)} seeds), paired t-test p = {p:.2g}")
 
 
 if __name__ == "__main__":
