@@ -308,7 +308,9 @@ class Transformer(nn.Module):
 
         `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
         off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
-        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22).
+        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22); over
+        14 seeds of a 20M model (benchmarks/check_gpu_train.py --runs bf16-residual) +0.10% ± 0.16%
+        (p = 0.54). Nothing is known of long runs.
 
         `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
         weight per step.
