@@ -468,14 +468,16 @@ def bench(a) -> None:
             continue
         log(f"-- {name} ({left:.0f} s left)")
         cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
-               "--per-rep", str(a.per_rep), "--accum", str(a.accum)] + (["--profile"] if name in a.profiled.split(",") else [])
+               "--per-rep", str(a.per_rep), "--accum", str(a.accum)]
+        cmd += ["--profile"] if name in a.profiled.split(",") else []
         results[name] = _worker(cmd, left - 5)
         log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
         _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
 
     peer = results.get("transformers", {}).get("ms_per_step")
     table = Table(title=f"training step, GPT-2-small shape (12×768, T={T}, micro-batch {B}, vocab 50304, BF16), "
-                        f"{a.accum} micro-batch(es) per optimizer step, on {gpu}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+                        f"{a.accum} micro-batch(es) per optimizer step, on {gpu}; "
+                        f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
     for col in ("variant", "tokens/s", "ms/micro-batch", "MFU", "vs transformers", "peak GiB", "first step s"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     md = ["| variant | tokens/s | ms/micro-batch | MFU | vs transformers | peak GiB | first step s |",

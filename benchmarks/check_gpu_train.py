@@ -34,8 +34,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
-                   # also bf16-residual (per seed, like no-graph, full-ce and cast-each)
-                   help="training runs beside the default one (with the graph), per seed where it applies")
+                   help="training runs beside the default one (with the graph), per seed where it applies; "
+                        "also bf16-residual (per seed)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")

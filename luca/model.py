@@ -295,7 +295,6 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
-        self.weights_cached = False  # see cache_weights
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
         self.init_rope()
         self.reset_parameters()
@@ -333,7 +332,7 @@ class Transformer(nn.Module):
         training forwards instead of a new cast of every weight in every micro-batch. They are read
         only with gradients enabled, i.e. inside training steps; everything else reads the FP32
         weights, so a copy made stale by the optimizer or a checkpoint load is never used."""
-        self.weights_cached, self._cached_pairs = on, []
+        self._cached_pairs = []
         head = self.lm_head
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
@@ -348,12 +347,15 @@ class Transformer(nn.Module):
                 lins += [m.gate_proj, m.up_proj]
             for lin in lins:
                 lin.weight_lp = torch.empty_like(lin.weight, dtype=dtype) if a.cached else None
-                if a.cached:
-                    self._cached_pairs.append((lin.weight_lp, lin.weight))
+            self._cached_pairs += [(lin.weight_lp, lin.weight) for lin in lins if a.cached]
         head.weight_lp = torch.empty_like(head.weight, dtype=dtype) if on else None
-        if on:
-            self._cached_pairs.append((head.weight_lp, head.weight))
+        self._cached_pairs += [(head.weight_lp, head.weight)] if on else []
         self.refresh_weights()
+
+    @property
+    def weights_cached(self) -> bool:
+        """Whether `cache_weights` is on (the head's copy is always among the cached pairs then)."""
+        return bool(self._cached_pairs)
 
     @torch.no_grad()
     def refresh_weights(self) -> None:

@@ -320,8 +320,8 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
-        if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len \
-                and hasattr(trunk, "cache_weights"):
+        accumulates = cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
+        if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and accumulates and hasattr(trunk, "cache_weights"):
             trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)

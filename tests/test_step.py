@@ -121,9 +121,10 @@ def _cached_pair(fuse: bool):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cached_weights_train_bitwise_as_casts_and_never_go_stale(compiled):
     """Weights cast to BF16 once per step (`cache_weights`) give bitwise the same steps as casting in
-    every micro-batch (eagerly; compiled to rounding), also after the weights are changed outside a step (a checkpoint load), and a
-    forward without gradients (validation) reads the FP32 weights, not the copies. Compiled too: the
-    compiler must read the copies where they are, not fold them in as constants."""
+    every micro-batch (eagerly; compiled, to rounding), also after the weights are changed outside a
+    step (a checkpoint load), and a forward without gradients (validation) reads the FP32 weights,
+    not the copies. Compiled too: the compiler must read the copies where they are, not fold them in
+    as constants."""
     for fuse in (False, True) if not compiled else (False,):
         a, b = _cached_pair(fuse)
         assert b.weights_cached and b.lm_head.weight_lp.dtype == torch.bfloat16
