@@ -54,6 +54,9 @@ VARIANTS = {  # name: (what it is, worker settings)
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
     # ablations: luca with one of its GPU-path pieces taken out or added
     "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
+    "luca-fused-qkv-bf16": ("luca-fused-qkv with a BF16 residual stream", {"fuse_qkv": True, "bf16_residual": True}),
+    "luca-compiled-swiglu": ("luca with SwiGLU's backward left to the compiler instead of luca's kernel",
+                             {"compiled_swiglu": True}),
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
     "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
     "luca-cudagraphs": ("luca compiled with mode=reduce-overhead instead of the whole-step graph",
@@ -80,6 +83,8 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-mix-split-128": ("luca with mix-order reductions split 128 rows per program",
                            {"inductor": {"triton.mix_order_reduction_split_size": 128}}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
+    "luca-triton-gemm": ("luca with inductor's Triton GEMM templates (fused epilogues) autotuned against cuBLAS",
+                         {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
     "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
                        {"cache": False}),
 }
@@ -220,6 +225,15 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     from luca.step import BadSteps, Stepper
     from luca.train import TrainConfig, build
     dd = init_distributed(device)
+    if settings.get("compiled_swiglu"):  # read when the model's forward is traced
+        from luca import kernels
+
+        class CompiledSwiGLU:
+            @staticmethod
+            def apply(gu):
+                gate, up = gu.chunk(2, dim=-1)
+                return torch.nn.functional.silu(gate) * up
+        kernels.SwiGLU = CompiledSwiGLU
     cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world * max_accum, lr=6e-4,
                       compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
                       loss_impl=settings.get("loss_impl", "auto"), cuda_graph=settings.get("graph", True))
@@ -232,8 +246,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
-    if not settings.get("cache", True) and raw.weights_cached:
-        raw.cache_weights(False)
+    if raw.weights_cached:  # the cached copies follow the GEMMs chosen above (or go)
+        raw.cache_weights(settings.get("cache", True))
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))

@@ -97,7 +97,44 @@ def _kernels():
         v = tl.load(x + offs, mask=offs < n).to(tl.float32) * tl.load(scale)
         tl.store(x + offs, v.to(x.dtype.element_ty), mask=offs < n)
 
-    _KERNEL.update(ce=ce_rows, scale=scale_)
+    @triton.jit
+    def rope_bwd(src, s_b, s_t, s_h, s_d, cos, sin, c_b, c_t, c_d, out, o_t, o_col, T, NH, HALF,
+                 BH: tl.constexpr, BT: tl.constexpr, ROTATE: tl.constexpr):
+        """One head's (BT, 2·HALF) tile of d q (or d k: ROTATE, the inverse rotation; d v: copied)
+        into its columns of the fused projection's gradient."""
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        b = (tl.program_id(1) // NH).to(tl.int64)
+        h = tl.program_id(1) % NH
+        d = tl.arange(0, BH)
+        mask = (t < T)[:, None] & (d < HALF)[None, :]
+        p = src + b * s_b + h * s_h + t[:, None] * s_t + d[None, :] * s_d
+        y1 = tl.load(p, mask=mask).to(tl.float32)
+        y2 = tl.load(p + HALF * s_d, mask=mask).to(tl.float32)
+        if ROTATE:  # forward: x1·c1 − x2·s1, x2·c2 + x1·s2
+            c = b * c_b + t[:, None] * c_t + d[None, :] * c_d
+            x1 = y1 * tl.load(cos + c, mask=mask).to(tl.float32) + y2 * tl.load(sin + c + HALF * c_d, mask=mask).to(tl.float32)
+            x2 = y2 * tl.load(cos + c + HALF * c_d, mask=mask).to(tl.float32) - y1 * tl.load(sin + c, mask=mask).to(tl.float32)
+        else:
+            x1, x2 = y1, y2
+        o = out + (b * T + t[:, None]) * o_t + o_col + h * (2 * HALF) + d[None, :]
+        tl.store(o, x1.to(out.dtype.element_ty), mask=mask)
+        tl.store(o + HALF, x2.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def swiglu_bwd(gu, g_m, g_n, dh, d_m, d_n, out, M, F, BM: tl.constexpr, BN: tl.constexpr):
+        """d (gate, up) side by side from (gate, up) and d silu(gate)·up, each element read once."""
+        m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (m < M)[:, None] & (n < F)[None, :]
+        g = tl.load(gu + m[:, None] * g_m + n[None, :] * g_n, mask=mask).to(tl.float32)
+        u = tl.load(gu + m[:, None] * g_m + (n[None, :] + F) * g_n, mask=mask).to(tl.float32)
+        dy = tl.load(dh + m[:, None] * d_m + n[None, :] * d_n, mask=mask).to(tl.float32)
+        sig = tl.sigmoid(g)
+        o = out + m[:, None] * (2 * F) + n[None, :]
+        tl.store(o, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(out.dtype.element_ty), mask=mask)
+        tl.store(o + F, (dy * g * sig).to(out.dtype.element_ty), mask=mask)
+
+    _KERNEL.update(ce=ce_rows, scale=scale_, rope_bwd=rope_bwd, swiglu_bwd=swiglu_bwd)
     return _KERNEL
 
 
@@ -127,6 +164,10 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if n:
         _kernels()["scale"][(-(-n // 4096),)](x, scale, n, BLOCK=4096, num_warps=8)
     return x
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -182,3 +223,100 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     with torch.autocast(dev, enabled=False):
         return _LinearCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
                                reduction == "mean", dtype, cached)
+
+
+# -- the fused q/k/v projection's RoPE and SwiGLU: compiled forwards, backwards in one pass each ----
+@torch.library.custom_op("luca::rope_qkv_backward", mutates_args=())
+def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """d (fused q/k/v projection) of shape (B, T, (H + 2·KV)·D) from the gradients of RoPE'd q, k and
+    of v, each (B, T, heads, D) in any strides (SDPA's backward hands them over in its own layout):
+    one kernel launch per part writes its columns, where the compiled backward gathered the three
+    into one buffer in a kernel slower than the GEMMs it served."""
+    B, T, H, D = dq.shape
+    KV = dk.shape[2]
+    out = torch.empty(B, T, (H + 2 * KV) * D, device=dq.device, dtype=dq.dtype)
+    if not available(dq.device) or D % 2:
+        q1, q2 = dq.float().chunk(2, -1)
+        k1, k2 = dk.float().chunk(2, -1)
+        c1, c2 = cos.float()[:, :, None].chunk(2, -1)
+        s1, s2 = sin.float()[:, :, None].chunk(2, -1)
+        parts = [q1 * c1 + q2 * s2, q2 * c2 - q1 * s1, k1 * c1 + k2 * s2, k2 * c2 - k1 * s1]
+        q, k = torch.cat(parts[:2], -1), torch.cat(parts[2:], -1)
+        out.copy_(torch.cat([q.flatten(2), k.flatten(2), dv.flatten(2)], -1))
+        return out
+    col = 0
+    for g, rotate in ((dq, True), (dk, True), (dv, False)):
+        nh = g.shape[2]
+        _kernels()["rope_bwd"][(_cdiv(T, 64), B * nh)](
+            g, *g.stride(), cos, sin, *cos.stride(), out, out.stride(1), col, T, nh,
+            D // 2, BH=1 << (D // 2 - 1).bit_length(), BT=64, ROTATE=rotate, num_warps=4)
+        col += nh * D
+    return out
+
+
+@rope_qkv_backward.register_fake
+def _(dq, dk, dv, cos, sin):
+    B, T, H, D = dq.shape
+    return dq.new_empty(B, T, (H + 2 * dk.shape[2]) * D)
+
+
+class RopeQKV(torch.autograd.Function):
+    """q, k with RoPE and v, each (B, T, heads, D) in qkv's dtype, from the fused projection's output
+    (B, T, (H + 2·KV)·D); the backward is `rope_qkv_backward`."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_heads: int, n_kv: int):
+        B, T, _ = qkv.shape
+        D = qkv.shape[-1] // (n_heads + 2 * n_kv)
+        q, k, v = qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+        ctx.save_for_backward(cos, sin)
+        c, s = cos[:, :, None], sin[:, :, None]
+
+        def rope(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return (x * c + torch.cat((-x2, x1), dim=-1) * s).to(qkv.dtype)
+
+        return rope(q.view(B, T, n_heads, D)), rope(k.view(B, T, n_kv, D)), v.reshape(B, T, n_kv, D)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
+
+
+@torch.library.custom_op("luca::swiglu_backward", mutates_args=())
+def swiglu_backward(gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """d (gate, up) of silu(gate) · up, with gate and up side by side in `gu` (..., 2F)."""
+    F = dh.shape[-1]
+    g2, d2 = gu.reshape(-1, 2 * F), dh.reshape(-1, F)
+    out = torch.empty(gu.shape, device=gu.device, dtype=gu.dtype)
+    if not available(gu.device):
+        g, u = g2.float().chunk(2, -1)
+        d, sig = d2.float(), torch.sigmoid(g)
+        out.view(-1, 2 * F).copy_(torch.cat([d * u * sig * (1 + g * (1 - sig)), d * g * sig], -1))
+        return out
+    M = g2.shape[0]
+    _kernels()["swiglu_bwd"][(_cdiv(M, 32), _cdiv(F, 128))](
+        g2, *g2.stride(), d2, *d2.stride(), out, M, F, BM=32, BN=128, num_warps=4)
+    return out
+
+
+@swiglu_backward.register_fake
+def _(gu, dh):
+    return gu.new_empty(gu.shape)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) · up from the fused gate/up projection's output (..., 2F), halves side by side;
+    the backward is `swiglu_backward`."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        gate, up = gu.chunk(2, dim=-1)
+        ctx.save_for_backward(gu)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dh):
+        return swiglu_backward(ctx.saved_tensors[0], dh)

@@ -198,6 +198,7 @@ class Attention(nn.Module):
         self.fused = False  # q, k, v as one GEMM (Transformer.set_gpu_training)
         self.wgrad32 = False  # weight gradients straight from the GEMM in FP32 (`linear`)
         self.cached = False  # the projections read weights cast once per step (Transformer.cache_weights)
+        self.qkv_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -207,17 +208,23 @@ class Attention(nn.Module):
             # concatenation fuses with the weights' cast to BF16, which autocast makes anyway.
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
-            qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias)
-            q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
+            qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias,
+                         cached=self.qkv_lp if self.cached else None)
+        if self.fused and not cfg.qk_norm and cache is None:
+            # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
+            q, k, v = kernels.RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
         else:
-            q, k, v = (proj(m, x, self.wgrad32, self.cached) for m in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE in the projections' (B, T, H, D) layout, then the transpose (a view) to SDPA's.
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.fused:
+                q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
+            else:
+                q, k, v = (proj(m, x, self.wgrad32, self.cached) for m in (self.q_proj, self.k_proj, self.v_proj))
+            q = q.view(B, T, cfg.n_heads, cfg.head_dim)
+            k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+            v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            # RoPE in the projections' (B, T, H, D) layout, then the transpose (a view) to SDPA's.
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
@@ -253,10 +260,12 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gate, up = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None).chunk(2, dim=-1)
+            gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None)
+            h = kernels.SwiGLU.apply(gu)  # its backward reads gate, up and d h once (luca/kernels.py)
         else:
             gate, up = (proj(m, x, self.wgrad32, self.cached) for m in (self.gate_proj, self.up_proj))
-        return proj(self.down_proj, F.silu(gate) * up, self.wgrad32, self.cached)
+            h = F.silu(gate) * up
+        return proj(self.down_proj, h, self.wgrad32, self.cached)
 
 
 class Block(nn.Module):
@@ -337,14 +346,17 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             a.cached = m.cached = on and a.wgrad32
-            m.gate_up_lp = None
-            lins = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.down_proj]
-            if m.cached and m.fused:  # the fused GEMM's weight is one buffer, filled from both halves
-                g, u = m.gate_proj.weight, m.up_proj.weight
-                m.gate_up_lp = torch.empty(g.shape[0] + u.shape[0], g.shape[1], device=g.device, dtype=dtype)
-                self._cached_pairs += [(m.gate_up_lp[:g.shape[0]], g), (m.gate_up_lp[g.shape[0]:], u)]
-            else:
-                lins += [m.gate_proj, m.up_proj]
+            lins = [a.o_proj, m.down_proj]
+            for mod, name, parts in ((a, "qkv_lp", (a.q_proj, a.k_proj, a.v_proj)),
+                                     (m, "gate_up_lp", (m.gate_proj, m.up_proj))):
+                setattr(mod, name, None)
+                if not (mod.cached and mod.fused):
+                    lins += parts
+                    continue
+                ws = [p.weight for p in parts]  # a fused GEMM's weight is one buffer, filled from its parts
+                buf = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device, dtype=dtype)
+                setattr(mod, name, buf)
+                self._cached_pairs += list(zip(buf.split([w.shape[0] for w in ws]), ws))
             for lin in lins:
                 lin.weight_lp = torch.empty_like(lin.weight, dtype=dtype) if a.cached else None
             self._cached_pairs += [(lin.weight_lp, lin.weight) for lin in lins if a.cached]
