@@ -53,8 +53,7 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, fused head CE kernel, SDPA, graph", {}),
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
     # ablations: luca with one of its GPU-path pieces taken out or added
-    "luca-fused-qkv": ("luca with q/k/v as one GEMM too", {"fuse_qkv": True}),
-    "luca-fused-qkv-bf16": ("luca-fused-qkv with a BF16 residual stream", {"fuse_qkv": True, "bf16_residual": True}),
+    "luca-unfused-qkv": ("luca with q, k and v as three GEMMs (train.fuse_qkv = false)", {"fuse_qkv": False}),
     "luca-compiled-swiglu": ("luca with SwiGLU's backward left to the compiler instead of luca's kernel",
                              {"compiled_swiglu": True}),
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
@@ -240,7 +239,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
-        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", False), wgrad32=settings.get("wgrad32", True))
+        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", True), wgrad32=settings.get("wgrad32", True))
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False

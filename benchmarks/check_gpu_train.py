@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
                    help="training runs beside the default one (with the graph), per seed where it applies; "
-                        "also bf16-residual (per seed)")
+                        "also bf16-residual and unfused-qkv (per seed)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
@@ -49,6 +49,8 @@ def main() -> None:
     from luca.tokenizer import TokenizerConfig, build_tokenizer
     from luca.train import TrainConfig, train
 
+    kernels_vs_autograd = kernel_check(torch)
+    print("luca's GPU kernels against autograd (FP32, TF32 off): " + json.dumps(kernels_vs_autograd), flush=True)
     work = Path(a.work)
     data_dir = work / "data"
     t0 = time.perf_counter()
@@ -101,6 +103,8 @@ def main() -> None:
             run("train-cast-each", cast_once=False, seed=seed)
         if "bf16-residual" in runs:  # the residual stream in BF16 (train.bf16_residual)
             run("train-bf16-residual", bf16_residual=True, seed=seed)
+        if "unfused-qkv" in runs:  # q, k, v as three GEMMs, RoPE's backward compiled (train.fuse_qkv)
+            run("train-unfused-qkv", fuse_qkv=False, seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
@@ -133,8 +137,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if out:
-        Path(out, "check_gpu_train.json").write_text(json.dumps({"gpu": gpu, "runs": rows, "loss_curves": curves},
-                                                                 indent=2))
+        Path(out, "check_gpu_train.json").write_text(json.dumps(
+            {"gpu": gpu, "kernels_vs_autograd": kernels_vs_autograd, "runs": rows, "loss_curves": curves}, indent=2))
     print(f"\n| run ({gpu}) | val BPB | final loss | tokens/s | wall s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
@@ -142,6 +146,30 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         print(f"| {name} | {bpb} | {r.get('final_loss', r.get('final_train_loss'))} | {tps} | {r['wall_s']:.0f} |")
     paired(rows, [int(x) for x in a.seeds.split(",")])
+
+
+def kernel_check(torch) -> dict:
+    """The training forward and backward with luca's kernels (fused q/k/v with the RoPE-backward
+    kernel, the SwiGLU-backward kernel) against plain autograd on the same weights, in FP32 with TF32
+    off: the largest gradient difference relative to that gradient's largest entry."""
+    from luca.model import ModelConfig, Transformer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=4096, n_layers=4, d_model=512, n_heads=8, n_kv_heads=4,
+                                max_seq_len=512)).to(device)
+    x = torch.randint(0, 4096, (4, 513), device=device)
+    grads = {}
+    for fused in (False, True):
+        m.set_gpu_training(fused)
+        m.zero_grad(set_to_none=True)
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads[fused] = (loss.item(), [p.grad.clone() for p in m.parameters()])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[True][1], grads[False][1]))
+    return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel}
 
 
 def paired(rows: dict, seeds: list[int]) -> None:

@@ -308,7 +308,7 @@ class Transformer(nn.Module):
         self.init_rope()
         self.reset_parameters()
 
-    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = False, bf16_residual: bool = False,
+    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
                          wgrad32: bool = True) -> None:
         """Fused gate/up GEMMs, optionally a BF16 residual stream under autocast (luca.train sets it on
         CUDA: benchmarks/bench_train.py). Same parameters and state dict either way. Projections
@@ -323,9 +323,10 @@ class Transformer(nn.Module):
         `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
         weight per step.
 
-        `fuse_qkv` fuses q/k/v too. Off by default: on an H100 the compiled backward then gathers
-        the transposed q, k, v gradients into one buffer in a slow kernel that cost more than the
-        larger GEMM saved (benchmarks/results/bench_train_h100.md)."""
+        `fuse_qkv` (train.fuse_qkv) fuses q/k/v too, with RoPE's backward in luca's kernel, which
+        writes the three gradients straight into the fused GEMM's (left to the compiler, that
+        gather cost more than the larger GEMMs saved): 1.5% faster on an H200
+        (benchmarks/results/bench_train_h100.md, session 6)."""
         self.low_precision_residual = on and bf16_residual
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp

@@ -83,6 +83,7 @@ class TrainConfig:
     loss_impl: str = "auto"  # auto (fused on CUDA, chunked elsewhere) | fused | full | chunked
     activation_checkpointing: bool = False
     bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; BPB cost unclear: README)
+    fuse_qkv: bool = True  # CUDA: q, k, v as one GEMM, RoPE's backward in luca's kernel (luca/model.py)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
@@ -319,7 +320,8 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.to(device)
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
-        trunk.set_gpu_training(bf16_residual=cfg.bf16_residual)  # one GEMM for gate and up (luca/model.py)
+        # one GEMM for gate and up, one for q, k and v (luca/model.py)
+        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual)
         accumulates = cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
         if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and accumulates and hasattr(trunk, "cache_weights"):
             trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
