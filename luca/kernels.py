@@ -1,4 +1,5 @@
-"""GPU kernels luca writes itself, in Triton: the language-model head's cross-entropy in training.
+"""GPU kernels luca writes itself, in Triton: the language-model head's cross-entropy in training,
+and the backward passes of RoPE (on the fused q/k/v projection) and SwiGLU.
 
 What is notable:
 - `linear_cross_entropy(h, weight, targets)` is the head GEMM and its cross-entropy for a training
@@ -14,6 +15,13 @@ What is notable:
   rounded to BF16 for the backward GEMMs; the scale of the upstream gradient is applied to the
   small GEMM products instead of the big logits.
 - Targets equal to -100 count for nothing, as in `F.cross_entropy`.
+- `RopeQKV` and `SwiGLU` (autograd functions the model uses on its fused GEMMs when training on
+  CUDA): their forwards are plain torch, which the compiler fuses; their backwards are custom ops
+  (`luca::rope_qkv_backward`, `luca::swiglu_backward`) that read every input once and write the
+  fused GEMM's gradient, in 2-D tiles that suit any strides. The compiler's kernels for the same
+  work ran far below the memory bandwidth on an H200: gathering q/k/v's gradients from SDPA's
+  layout took 0.24 ms a layer (luca's: 0.04), SwiGLU's backward 0.12 ms (luca's: 0.064). Both
+  compute in FP32 and round once.
 - Triton is imported lazily: CPUs never need it. With `TRITON_INTERPRET=1` the same kernel runs
   on CPU tensors, which is how the tests check it against `F.cross_entropy` (the interpreter
   truncates FP32 → BF16 where a GPU rounds to nearest: one BF16 step at most).

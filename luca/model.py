@@ -21,9 +21,10 @@ What is notable:
   cross-entropy instead, which `torch.compile` fuses into few kernels. `loss_impl = "fused"` (luca
   train's default on CUDA) is the head GEMM with luca's own Triton cross-entropy kernel, which
   writes the logits' gradient over them in the forward pass (luca/kernels.py): faster still.
-- GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up (and,
-  optionally, q/k/v) run as one GEMM, their weights concatenated in the forward pass (the
-  parameters and the checkpoint keep Hugging Face's separate names); optionally the residual
+- GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up and
+  q/k/v run as one GEMM each, their weights concatenated in the forward pass (the parameters and
+  the checkpoint keep Hugging Face's separate names), with RoPE's and SwiGLU's backward passes in
+  luca's kernels (luca/kernels.py); optionally the residual
   stream is kept in BF16 under autocast instead of FP32 (half the bytes through norms and adds).
   With gradient accumulation, `cache_weights` casts the weights to BF16 once per optimizer step for
   all its micro-batches (read only with gradients enabled, so a stale copy is never used).

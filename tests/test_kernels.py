@@ -116,3 +116,75 @@ def test_without_gradients_or_the_kernel_the_plain_path_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not kernels.available(torch.device("cpu"))
     torch.testing.assert_close(m(x[:, :-1], x[:, 1:]), ref)
+
+
+def _rope_reference(qkv, cos, sin, h, kv):
+    from luca.model import apply_rope
+    B, T, _ = qkv.shape
+    d = qkv.shape[-1] // (h + 2 * kv)
+    q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
+    return apply_rope(q.view(B, T, h, d), cos, sin), apply_rope(k.view(B, T, kv, d), cos, sin), v.view(B, T, kv, d)
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+@pytest.mark.parametrize("d", [16, 12])  # half a head 8 (a power of two) and 6 (the kernel masks its tile)
+def test_rope_qkv_gradient_matches_autograd(path, d, monkeypatch):
+    """The fused q/k/v projection's RoPE: same q, k, v as `apply_rope`; its backward (luca's kernel,
+    or the plain fallback) gives autograd's gradient, from gradients in SDPA's (B, H, T, D) layout,
+    with grouped k/v heads and a sequence longer than one kernel tile."""
+    from luca.model import rope_cos_sin
+    if path == "fallback":
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    g = torch.Generator().manual_seed(4)
+    B, T, H, KV = 2, 70, 4, 2
+    qkv = torch.randn(B, T, (H + 2 * KV) * d, generator=g, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), d, 10000.0, torch.float32)
+    got = kernels.RopeQKV.apply(qkv, cos, sin, H, KV)
+    ref = _rope_reference(qkv, cos, sin, H, KV)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    upstream = [torch.randn(x.transpose(1, 2).shape, generator=g).transpose(1, 2) for x in ref]  # SDPA's layout
+    assert not upstream[0].is_contiguous()
+    (dq,) = torch.autograd.grad(sum((x * u).sum() for x, u in zip(got, upstream)), qkv)
+    (dref,) = torch.autograd.grad(sum((x * u).sum() for x, u in zip(ref, upstream)), qkv)
+    torch.testing.assert_close(dq, dref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+def test_swiglu_gradient_matches_autograd(path, monkeypatch):
+    """silu(gate) · up from the fused gate/up output, and its one-pass backward against autograd's,
+    for shapes that fill no kernel tile exactly and an upstream gradient that is not contiguous."""
+    if path == "fallback":
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    g = torch.Generator().manual_seed(5)
+    gu = (torch.randn(3, 45, 2 * 150, generator=g) * 3).requires_grad_()
+    dh = torch.randn(150, 3, 45, generator=g).permute(1, 2, 0)
+    h = kernels.SwiGLU.apply(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    torch.testing.assert_close(h, ref, rtol=0, atol=0)
+    (got,) = torch.autograd.grad((h * dh).sum(), gu)
+    (want,) = torch.autograd.grad((ref * dh).sum(), gu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_kernels_within_one_rounding_step():
+    """In BF16 both backward kernels compute in FP32 and round once (the interpreter truncates)."""
+    from luca.model import rope_cos_sin
+    g = torch.Generator().manual_seed(6)
+    gu = (torch.randn(64, 2 * 96, generator=g) * 3).to(torch.bfloat16)
+    dh = torch.randn(64, 96, generator=g).to(torch.bfloat16)
+    gf = gu.float().requires_grad_()
+    gate, up = gf.chunk(2, dim=-1)
+    (want,) = torch.autograd.grad((F.silu(gate) * up * dh.float()).sum(), gf)
+    got = kernels.swiglu_backward(gu, dh).float()
+    assert ((got - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all()
+    B, T, H, D = 2, 9, 2, 8
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), D, 10000.0, torch.float32)
+    dq, dk, dv = (torch.randn(B, T, H, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    qkv = torch.zeros(B, T, 3 * H * D, requires_grad=True)
+    (want,) = torch.autograd.grad(sum((x * u.float()).sum() for x, u in zip(_rope_reference(qkv, cos, sin, H, H),
+                                                                             (dq, dk, dv))), qkv)
+    got = kernels.rope_qkv_backward(dq, dk, dv, cos, sin)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all()
