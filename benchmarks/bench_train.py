@@ -10,7 +10,8 @@ One run (under 10 minutes on an H100) measures, in this order:
    GPU; the peer accumulates the same way; `--accum 1` updates after every micro-batch), each
    variant in its own process: luca through the same `build` / `Stepper` as `luca train`
    (whole-model `torch.compile`, fused AdamW with the clip folded in and on-device step skipping,
-   FlashAttention through SDPA, the head's cross-entropy in luca's Triton kernel, the whole step replayed as one
+   FlashAttention through SDPA, one GEMM each for q/k/v and gate/up, the head's cross-entropy and
+   the backward passes of RoPE and SwiGLU in luca's Triton kernels, the whole step replayed as one
    CUDA graph), a few luca variants, and the peer: transformers' `LlamaForCausalLM` with SDPA
    attention, fused AdamW and `torch.compile`. Warm-up steps (and the compilation and capture)
    are excluded; each timing is a CUDA-synchronised wall clock over many steps.
@@ -50,7 +51,8 @@ if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script
     SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
     B, T, DEV = 2, 64, "cpu"
 VARIANTS = {  # name: (what it is, worker settings)
-    "luca": ("luca train's GPU path: compiled model, fused gate/up GEMM, fused head CE kernel, SDPA, graph", {}),
+    "luca": ("luca train's GPU path: compiled model, fused q/k/v and gate/up GEMMs, luca's kernels, SDPA, graph",
+             {}),
     "transformers": ("LlamaForCausalLM, SDPA, fused AdamW, torch.compile", {}),
     # ablations: luca with one of its GPU-path pieces taken out or added
     "luca-unfused-qkv": ("luca with q, k and v as three GEMMs (train.fuse_qkv = false)", {"fuse_qkv": False}),
@@ -562,7 +564,7 @@ def scaling(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a luca data directory (token shards) for the loader measurement")
-    p.add_argument("--variants", default="luca,transformers,luca-cast-each,luca-bf16-residual",
+    p.add_argument("--variants", default="luca,transformers,luca-compiled-swiglu,luca-bf16-residual",
                    help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--min-left", type=float, default=75, help="skip a variant with less than this left")

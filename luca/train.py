@@ -408,7 +408,7 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     n_params = raw_model.num_parameters()
     summary = {"parameters": n_params, "non_embedding_parameters": raw_model.num_parameters(True),
                "accum": accum, "world": dd.world, "device": str(device)}
-    bar = _Progress(progress and dd.main, cfg.max_steps, start_step)
+    bar = StepProgress("train", progress and dd.main, cfg.max_steps, start_step)
     bad = BadSteps(device, cfg.max_bad_steps, bad_total)
     check_every_step = not all(g.get("fused") for g in opt.param_groups)  # skipping already read `ok`
     stepper = Stepper(model, raw_model, opt, cfg.grad_clip, autocast, dd.world, cfg.fsdp, cfg.cuda_graph, say)
@@ -527,16 +527,20 @@ def plot_loss(run_dir: Path) -> bool:
 
 
 # -- progress -----------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, enabled: bool, total: int, start: int):
+class StepProgress:
+    """A rich bar on stderr over optimizer steps, with the last logged loss, rate and validation
+    (BPB from `train`, loss from `luca.finetune`); nothing when not enabled."""
+
+    def __init__(self, label: str, enabled: bool, total: int, start: int = 0):
         self.bar = None
         if enabled:
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+                                console=Console(stderr=True))
+            self.task = self.bar.add_task(label, total=total, completed=start, info="")
             self.bar.start()
 
     def update(self, done: int, rec: dict | None) -> None:
@@ -547,6 +551,8 @@ class _Progress:
             info = f"loss {rec['loss']:.3f} · {rec['tokens_per_s']:,.0f} tok/s"
             if "val_bpb" in rec:
                 info += f" · val {rec['val_bpb']:.3f} bpb"
+            elif "val_loss" in rec:
+                info += f" · val {rec['val_loss']:.3f}"
         self.bar.update(self.task, completed=done, **({"info": info} if info else {}))
 
     def close(self) -> None:

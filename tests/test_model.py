@@ -135,6 +135,24 @@ def test_gpu_training_switches_keep_the_function(flavour):
     assert not any(b.self_attn.fused or b.mlp.fused for b in m.model.layers)
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_training_switches_keep_the_gradients(flavour, checkpointing):
+    """The fused GEMMs' backward (luca's RoPE and SwiGLU kernels, run by Triton's interpreter) gives
+    the unfused network's FP32 gradients, also with blocks recomputed (activation checkpointing)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 300, (2, 37), generator=g), torch.randint(0, 300, (2, 37), generator=g)
+    grads = {}
+    for fused in (False, True):
+        m = tiny(**FLAVOURS[flavour])
+        m.set_gpu_training(fused)
+        m.gradient_checkpointing = checkpointing
+        m(x, y).backward()
+        grads[fused] = {n: p.grad for n, p in m.named_parameters()}
+    for n, want in grads[False].items():
+        torch.testing.assert_close(grads[True][n], want, rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_fp32_weight_gradients_equal_autocasts(fuse):
     """`wgrad32` computes the same BF16 forward and backward as autocast; only the weight gradient's

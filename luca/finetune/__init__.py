@@ -217,7 +217,7 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
              progress: bool = True) -> dict:
     """Fine-tune `base` on chat `data` (or `cfg.data`) into run directory `out`; return a summary."""
     from luca.optim import adamw, lr_at
-    from luca.train import pick_device
+    from luca.train import StepProgress, pick_device
     t_start = time.perf_counter()
     base, out = rundir.require_run_dir(base).resolve(), Path(out)
     if out.resolve() == base:
@@ -302,7 +302,7 @@ def finetune(base: str | Path, data: list[str] | None, out: str | Path, cfg: Fin
     # A merged model from an earlier fine-tune here would no longer match the new adapter.
     for f in (rundir.METRICS, rundir.REPORT, rundir.WEIGHTS, rundir.WEIGHTS_INDEX, rundir.CONFIG, rundir.GENERATION):
         (out / f).unlink(missing_ok=True)
-    bar = _Progress(progress, steps)
+    bar = StepProgress("finetune", progress, steps)
     t0 = time.perf_counter()
     t_log, tok_log, tokens, targets = t0, 0, 0, 0
     first_loss = last_loss = val_loss = float("nan")
@@ -481,29 +481,3 @@ def _sayer(enabled: bool):
     return say
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-            self.bar = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True))
-            self.task = self.bar.add_task("finetune", total=total, info="")
-            self.bar.start()
-
-    def update(self, done: int, rec: dict | None) -> None:
-        if self.bar is None:
-            return
-        info = None
-        if rec is not None:
-            info = f"loss {rec['loss']:.3f} · {rec['tokens_per_s']:,.0f} tok/s"
-            if "val_loss" in rec:
-                info += f" · val {rec['val_loss']:.3f}"
-        self.bar.update(self.task, completed=done, **({"info": info} if info else {}))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
