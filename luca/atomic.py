@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same directory, fsync, then rename.
+"""Atomic file writes: a temporary file in the same directory, fsync, then rename; and the SHA-256
+of a file, which checkpoints and evaluation records use to verify what was written or read.
 
 A reader (or a process restarted after SIGKILL) sees either the old file or the new one, never a
 half-written one. Errors such as a full disk or a read-only directory surface as `OSError`
@@ -6,6 +7,7 @@ before the old file is touched.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -44,6 +46,15 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -28,7 +28,6 @@ What is notable:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from luca import rundir
-from luca.atomic import atomic_path, write_text
+from luca.atomic import atomic_path, sha256_file, write_text
 from luca.distributed import (Dist, all_mean, barrier, full_state, init_distributed, load_full_state, pick_device,
                               unwrap, wrap)
 from luca.errors import LucaError
@@ -191,7 +190,7 @@ def write_state(run_dir: Path, state: dict, step: int, extra: dict) -> None:
                     torch.save(state, out)
                 except RuntimeError as e:  # torch.save hides a failed write's cause (disk full) in its own error
                     raise out.error or e
-            digest = _sha256(tmp)
+            digest = sha256_file(tmp)
         write_text(d / META, json.dumps({"step": step, "sha256": digest, "file": name, **extra}, indent=2))
     except (OSError, RuntimeError) as e:
         with suppress(OSError):
@@ -218,7 +217,7 @@ def load_state(run_dir: Path) -> dict | None:
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise LucaError(f"{meta_p}: checkpoint file {name!r} is not a file name inside {d}")
     p = d / name
-    if not p.is_file() or _sha256(p) != digest:
+    if not p.is_file() or sha256_file(p) != digest:
         raise LucaError(f"{p}: checkpoint does not match its checksum in {meta_p}; it is damaged")
     try:  # weights_only: tensors and plain containers, never objects (nothing is executed)
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -262,14 +261,6 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) ->
         load_full_state(model, opt, state["model"], state["optimizer"])
     for g, (fused, foreach, capturable) in zip(opt.param_groups, flags):  # this device's kernels, not the saver's
         g["fused"], g["foreach"], g["capturable"] = fused, foreach, capturable
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- evaluation ---------------------------------------------------------------------------------

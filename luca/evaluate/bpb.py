@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from luca.atomic import sha256_file
 from luca.errors import LucaError
 from luca.evaluate.harness import default_batch_tokens, progress_bar
-from luca.evaluate.tasks import sha256_file
 from luca.model import Transformer
 from luca.tokenizer import Tokenizer
 

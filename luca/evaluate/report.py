@@ -40,7 +40,7 @@ def model_record(run_dir: Path, model, tok, dtype: str) -> dict:
         if logged:
             tokens, steps = logged[-1]["tokens"], logged[-1].get("step")
     tok_json = run_dir / "tokenizer.json"
-    from luca.evaluate.tasks import sha256_file
+    from luca.atomic import sha256_file
     return {
         "arch": model.cfg.arch, "parameters": model.num_parameters(),
         "non_embedding_parameters": model.num_parameters(non_embedding=True),

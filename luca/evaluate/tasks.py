@@ -16,7 +16,6 @@ What is notable:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
+from luca.atomic import sha256_file
 from luca.errors import LucaError
 
 TARGET_DELIMITER = " "  # lm-eval's default target_delimiter
@@ -55,14 +55,6 @@ class TaskData:
 
 
 # -- file helpers -------------------------------------------------------------------------------
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def iter_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; bad JSON names the file and line."""
     try:
