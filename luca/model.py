@@ -311,9 +311,9 @@ class Transformer(nn.Module):
 
     def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
                          wgrad32: bool = True) -> None:
-        """Fused gate/up GEMMs, optionally a BF16 residual stream under autocast (luca.train sets it on
-        CUDA: benchmarks/bench_train.py). Same parameters and state dict either way. Projections
-        replaced by other modules (LoRA adapters) are left unfused.
+        """Fused gate/up and q/k/v GEMMs, optionally a BF16 residual stream under autocast (luca.train
+        sets them on CUDA: benchmarks/bench_train.py). Same parameters and state dict either way.
+        Projections replaced by other modules (LoRA adapters) are left unfused.
 
         `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
         off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
