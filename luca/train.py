@@ -46,7 +46,7 @@ from luca.distributed import (Dist, all_mean, barrier, full_state, init_distribu
                               unwrap, wrap)
 from luca.errors import LucaError
 from luca.model import ModelConfig, Transformer
-from luca.optim import adamw, lr_at
+from luca.optim import adamw, lr_at, muon
 from luca.step import BadSteps, Stepper, train_step
 from luca.tokenizer import Tokenizer
 
@@ -66,6 +66,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_fraction: float = 0.2  # wsd: share of steps in the final decay
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (the blocks' matrices; AdamW for the rest: luca/optim.py)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -94,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ValueError("optimizer = muon needs whole matrices for its Newton-Schulz step: use DDP, not fsdp")
         if self.loss_impl not in ("auto", "fused", "full", "chunked"):
             raise ValueError(f"loss_impl must be auto, fused, full or chunked, got {self.loss_impl!r}")
         for f in ("seq_len", "micro_batch", "batch_tokens", "max_steps", "eval_batches", "log_every"):
@@ -318,7 +323,10 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
             trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
-    opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
+    if cfg.optimizer == "muon":
+        opt = muon(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    else:
+        opt = adamw(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type=device.type)
     return raw, model, opt
 
 

@@ -1,0 +1,104 @@
+"""luca/optim.py's Muon: its AdamW half is AdamW, its Newton–Schulz step orthogonalises, it trains
+and resumes bitwise through `luca train`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import train_tiny_run
+from luca import rundir
+from luca.model import ModelConfig, Transformer
+from luca.optim import Muon, muon, newton_schulz
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48), (64, 64)])
+def test_newton_schulz_gives_near_orthogonal_factors(shape):
+    """U·Vᵀ of g's SVD, approximately: singular values in Muon's band around 1 (from a spread of
+    ~1000 in g's), and the same singular vectors, so <result, g> is close to g's nuclear norm."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g))
+    s = torch.logspace(0, -3, min(shape))  # descending, as svdvals returns them
+    m = u @ torch.diag(s) @ v.T
+    x = newton_schulz(m)
+    assert x.shape == m.shape and x.dtype == m.dtype
+    sv = torch.linalg.svdvals(x)
+    assert sv[s > 0.1].min() > 0.6 and sv.max() < 1.25  # the quintic's band; the tiniest directions lag
+    assert (x * m).sum() / s.sum() > 0.85
+
+
+def test_adamw_groups_step_as_torch_adamw():
+    """Groups without `muon` are AdamW: the same weights as torch.optim.AdamW after a few steps."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(16, 8)
+    b = torch.nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    ours = Muon([{"params": list(a.parameters()), "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    for i in range(5):
+        x = torch.randn(4, 16)
+        for m, opt in ((a, ours), (b, ref)):
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_takes_the_blocks_matrices_and_trains():
+    """The blocks' matrices go to Muon, embeddings/head/norms to AdamW; a tiny model's loss falls
+    and a Muon update's RMS is about AdamW's (0.2·lr), whatever the matrix's shape."""
+    cfg = ModelConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    opt = muon(m, 3e-3, 0.0, (0.9, 0.95))
+    names = {id(p): n for n, p in m.named_parameters()}
+    muon_names = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
+    assert muon_names == {n for n, p in m.named_parameters() if ".layers." in n and p.dim() == 2}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    x = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for i in range(12):
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if n in muon_names}
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+    for n, p in m.named_parameters():
+        if n in muon_names:
+            rms = (p.detach() - before[n]).pow(2).mean().sqrt().item()
+            assert 0.1 * 3e-3 < rms < 0.3 * 3e-3, (n, rms)
+
+
+def test_muon_run_resumes_bitwise(tmp_path):
+    """`train.optimizer = "muon"` through `luca train`: interrupted at a checkpoint and resumed, the
+    weights equal the uninterrupted run's (its momentum buffers are in the checkpoint)."""
+    over = {"train.optimizer": "muon"}
+    full = train_tiny_run(tmp_path / "full", tmp_path / "a", steps=20, overrides=over)
+    part = train_tiny_run(tmp_path / "part", tmp_path / "b", steps=20, overrides=over, until=10)
+    assert json.loads((part / "train_state" / "meta.json").read_text())["step"] == 10
+    from luca.config import build
+    from luca.train import TrainConfig, load_state, train
+    tc = dict(seq_len=64, micro_batch=4, batch_tokens=256, max_steps=20, lr=3e-3, warmup_steps=3, eval_every=10,
+              eval_batches=2, save_every=10, log_every=5, seed=0, optimizer="muon")  # as train_tiny_run's
+    mc = ModelConfig(vocab_size=320, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    train(part, mc, build(TrainConfig, tc, "train"), tmp_path / "b" / "data", rundir.load_tokenizer(part),
+          resume=True, progress=False)
+    a, b = load_state(full), load_state(part)
+    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    recs = rundir.read_metrics(full)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+
+
+def test_muon_with_fsdp_is_refused():
+    from luca.train import TrainConfig
+    with pytest.raises(ValueError, match="muon"):
+        TrainConfig(optimizer="muon", fsdp=True)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
