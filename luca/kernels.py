@@ -110,9 +110,9 @@ def _kernels():
                  BH: tl.constexpr, BT: tl.constexpr, ROTATE: tl.constexpr):
         """One head's (BT, 2·HALF) tile of d q (or d k: ROTATE, the inverse rotation; d v: copied)
         into its columns of the fused projection's gradient."""
-        t = tl.program_id(0) * BT + tl.arange(0, BT)
-        b = (tl.program_id(1) // NH).to(tl.int64)
-        h = tl.program_id(1) % NH
+        t = tl.program_id(1) * BT + tl.arange(0, BT).to(tl.int64)
+        b = (tl.program_id(0) // NH).to(tl.int64)
+        h = (tl.program_id(0) % NH).to(tl.int64)
         d = tl.arange(0, BH)
         mask = (t < T)[:, None] & (d < HALF)[None, :]
         p = src + b * s_b + h * s_h + t[:, None] * s_t + d[None, :] * s_d
@@ -256,7 +256,7 @@ def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     col = 0
     for g, rotate in ((dq, True), (dk, True), (dv, False)):
         nh = g.shape[2]
-        _kernels()["rope_bwd"][(_cdiv(T, 64), B * nh)](
+        _kernels()["rope_bwd"][(B * nh, _cdiv(T, 64))](  # B·heads on the axis without CUDA's 65,535 cap
             g, *g.stride(), cos, sin, *cos.stride(), out, out.stride(1), col, T, nh,
             D // 2, BH=1 << (D // 2 - 1).bit_length(), BT=64, ROTATE=rotate, num_warps=4)
         col += nh * D

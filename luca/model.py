@@ -355,6 +355,8 @@ class Transformer(nn.Module):
                 if not (mod.cached and mod.fused):
                     lins += parts
                     continue
+                for p in parts:  # read through the fused buffer instead
+                    p.weight_lp = None
                 ws = [p.weight for p in parts]  # a fused GEMM's weight is one buffer, filled from its parts
                 buf = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device, dtype=dtype)
                 setattr(mod, name, buf)

@@ -84,7 +84,8 @@ class Muon(torch.optim.Optimizer):
 
 def muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8) -> Muon:
     """Muon for the matrices inside the blocks; AdamW (grouped as `param_groups`) for everything else:
-    embeddings, output heads, norms, biases, auxiliary heads."""
+    embeddings, output heads, norms, biases, auxiliary heads. A fused matrix (the GPT-2 baseline's
+    c_attn, q/k/v stacked) is orthogonalised as one, where the speedrun treats q, k, v apart."""
     from luca.auxiliary import blocks_of
     hidden = {id(p) for p in blocks_of(getattr(model, "trunk", model)).parameters() if p.dim() == 2}
     groups = param_groups(model, weight_decay)

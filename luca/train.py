@@ -46,7 +46,7 @@ from luca.distributed import (Dist, all_mean, barrier, full_state, init_distribu
                               unwrap, wrap)
 from luca.errors import LucaError
 from luca.model import ModelConfig, Transformer
-from luca.optim import adamw, lr_at, muon
+from luca.optim import Muon, adamw, lr_at, muon
 from luca.step import BadSteps, Stepper, train_step
 from luca.tokenizer import Tokenizer
 
@@ -257,7 +257,13 @@ def _reason(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, where: Path) -> None:
+    # Muon's parameter groups carry a "muon" flag; a checkpoint of the other optimizer cannot load.
+    saved = "muon" if any("muon" in g for g in state["optimizer"].get("param_groups", [])) else "adamw"
+    wanted = "muon" if isinstance(opt, Muon) else "adamw"
+    if saved != wanted:
+        raise LucaError(f"{where}: the checkpoint was trained with optimizer {saved}, this run asks for {wanted}; "
+                        f"resume with --train.optimizer {saved}, or train into a new directory")
     flags = [(g.get("fused"), g.get("foreach"), g.get("capturable")) for g in opt.param_groups]
     if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an index-keyed checkpoint of luca ≤ 0.1
         unwrap(model).load_state_dict(state["model"])
@@ -375,7 +381,7 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
     if resume and state is None:
         say(f"no checkpoint in {run_dir / rundir.TRAIN_STATE}: starting from step 0")
     if state is not None:
-        _restore(model, opt, state)
+        _restore(model, opt, state, run_dir / rundir.TRAIN_STATE)
         torch.set_rng_state(state["cpu_rng"])
         start_step = int(state["step"])
         bad_total = int(state["meta"].get("bad_steps", 0))

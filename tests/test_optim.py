@@ -9,6 +9,7 @@ import torch
 
 from conftest import train_tiny_run
 from luca import rundir
+from luca.errors import LucaError
 from luca.model import ModelConfig, Transformer
 from luca.optim import Muon, muon, newton_schulz
 
@@ -94,6 +95,12 @@ def test_muon_run_resumes_bitwise(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     recs = rundir.read_metrics(full)
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+    # Resuming with the other optimizer is refused before anything is loaded or written.
+    before = (part / "train_state" / "meta.json").read_text()
+    with pytest.raises(LucaError, match="trained with optimizer muon"):
+        train(part, mc, build(TrainConfig, {**tc, "optimizer": "adamw"}, "train"), tmp_path / "b" / "data",
+              rundir.load_tokenizer(part), resume=True, progress=False)
+    assert (part / "train_state" / "meta.json").read_text() == before
 
 
 def test_muon_with_fsdp_is_refused():

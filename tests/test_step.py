@@ -125,7 +125,7 @@ def test_cached_weights_train_bitwise_as_casts_and_never_go_stale(compiled):
     step (a checkpoint load), and a forward without gradients (validation) reads the FP32 weights,
     not the copies. Compiled too: the compiler must read the copies where they are, not fold them in
     as constants."""
-    for fuse in (False, True) if not compiled else (True,):  # compiled: the GPU default, fused
+    for fuse in (False, True):
         a, b = _cached_pair(fuse)
         assert b.weights_cached and b.lm_head.weight_lp.dtype == torch.bfloat16
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
