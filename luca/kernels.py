@@ -15,8 +15,8 @@ What is notable:
   rounded to BF16 for the backward GEMMs; the scale of the upstream gradient is applied to the
   small GEMM products instead of the big logits.
 - Targets equal to -100 count for nothing, as in `F.cross_entropy`.
-- `RopeQKV` and `SwiGLU` (autograd functions the model uses on its fused GEMMs when training on
-  CUDA): their forwards are plain torch, which the compiler fuses; their backwards are custom ops
+- `SwiGLU` and luca.model's `RopeQKV` (autograd functions the model uses on its fused GEMMs when
+  training on CUDA): their forwards are plain torch, which the compiler fuses; their backwards are custom ops
   (`luca::rope_qkv_backward`, `luca::swiglu_backward`) that read every input once and write the
   fused GEMM's gradient, in 2-D tiles that suit any strides. The compiler's kernels for the same
   work ran far below the memory bandwidth on an H200: gathering q/k/v's gradients from SDPA's
@@ -267,30 +267,6 @@ def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
 def _(dq, dk, dv, cos, sin):
     B, T, H, D = dq.shape
     return dq.new_empty(B, T, (H + 2 * dk.shape[2]) * D)
-
-
-class RopeQKV(torch.autograd.Function):
-    """q, k with RoPE and v, each (B, T, heads, D) in qkv's dtype, from the fused projection's output
-    (B, T, (H + 2·KV)·D); the backward is `rope_qkv_backward`."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, n_heads: int, n_kv: int):
-        B, T, _ = qkv.shape
-        D = qkv.shape[-1] // (n_heads + 2 * n_kv)
-        q, k, v = qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
-        ctx.save_for_backward(cos, sin)
-        c, s = cos[:, :, None], sin[:, :, None]
-
-        def rope(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return (x * c + torch.cat((-x2, x1), dim=-1) * s).to(qkv.dtype)
-
-        return rope(q.view(B, T, n_heads, D)), rope(k.view(B, T, n_kv, D)), v.reshape(B, T, n_kv, D)
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        return rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
 
 
 @torch.library.custom_op("luca::swiglu_backward", mutates_args=())

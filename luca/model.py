@@ -126,6 +126,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class RopeQKV(torch.autograd.Function):
+    """q, k with RoPE and v, each (B, T, heads, D) in qkv's dtype, from the fused projection's output
+    (B, T, (H + 2·KV)·D); the backward is luca's kernel, `kernels.rope_qkv_backward`."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_heads: int, n_kv: int):
+        B, T, _ = qkv.shape
+        D = qkv.shape[-1] // (n_heads + 2 * n_kv)
+        q, k, v = qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+        ctx.save_for_backward(cos, sin)
+        return (apply_rope(q.view(B, T, n_heads, D), cos, sin).to(qkv.dtype),
+                apply_rope(k.view(B, T, n_kv, D), cos, sin).to(qkv.dtype), v.reshape(B, T, n_kv, D))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return kernels.rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
+
+
 class _Wgrad32(torch.autograd.Function):
     """x @ w.T in the autocast dtype, as autocast computes it, except that the weight's gradient comes
     out of the GEMM in FP32 (cuBLAS accumulates in FP32 anyway) instead of being rounded to BF16 and
@@ -213,7 +232,7 @@ class Attention(nn.Module):
                          cached=self.qkv_lp if self.cached else None)
         if self.fused and not cfg.qk_norm and cache is None:
             # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
-            q, k, v = kernels.RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
+            q, k, v = RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
         else:
             if self.fused:
                 q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
