@@ -16,8 +16,8 @@ What is notable:
   small GEMM products instead of the big logits.
 - Targets equal to -100 count for nothing, as in `F.cross_entropy`.
 - `SwiGLU` and luca.model's `RopeQKV` (autograd functions the model uses on its fused GEMMs when
-  training on CUDA): their forwards are plain torch, which the compiler fuses; their backwards are custom ops
-  (`luca::rope_qkv_backward`, `luca::swiglu_backward`) that read every input once and write the
+  training on CUDA): their forwards are plain torch, which the compiler fuses; their backwards are
+  custom ops (`luca::rope_qkv_backward`, `luca::swiglu_backward`) that read every input once and write the
   fused GEMM's gradient, in 2-D tiles that suit any strides. The compiler's kernels for the same
   work ran far below the memory bandwidth on an H200: gathering q/k/v's gradients from SDPA's
   layout took 0.24 ms a layer (luca's: 0.04), SwiGLU's backward 0.12 ms (luca's: 0.064). Both
