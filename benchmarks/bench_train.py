@@ -86,6 +86,8 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
     "luca-triton-gemm": ("luca with inductor's Triton GEMM templates (fused epilogues) autotuned against cuBLAS",
                          {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
+    "luca-autograd-accum": ("luca with autograd adding each micro-batch's weight gradients (train.accum_in_gemm = false)",
+                            {"keep": False}),
     "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
                        {"cache": False}),
 }
@@ -249,6 +251,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
         raw.low_precision_residual = True
     if raw.weights_cached:  # the cached copies follow the GEMMs chosen above (or go)
         raw.cache_weights(settings.get("cache", True))
+    if raw.grads_kept:  # so do the kept gradients
+        raw.keep_grads(settings.get("keep", True))
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))
@@ -564,7 +568,7 @@ def scaling(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a luca data directory (token shards) for the loader measurement")
-    p.add_argument("--variants", default="luca,transformers,luca-compiled-swiglu,luca-bf16-residual",
+    p.add_argument("--variants", default="luca,transformers,luca-autograd-accum,luca-bf16-residual",
                    help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--min-left", type=float, default=75, help="skip a variant with less than this left")

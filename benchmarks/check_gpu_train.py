@@ -35,7 +35,9 @@ def main() -> None:
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
                    help="training runs beside the default one (with the graph), per seed where it applies; "
-                        "also bf16-residual and unfused-qkv (per seed)")
+                        "also bf16-residual, unfused-qkv, autograd-accum and muon (per seed)")
+    p.add_argument("--micro-batch", type=int, default=32,
+                   help="sequences per micro-batch; below 32 the 32-sequence step accumulates micro-batches")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
@@ -60,7 +62,7 @@ def main() -> None:
     print(f"data + tokenizer: {time.perf_counter() - t0:.1f} s", flush=True)
 
     mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
-    tc = dict(seq_len=512, micro_batch=32, batch_tokens=32768, max_steps=a.steps, lr=a.lr, warmup_steps=30,
+    tc = dict(seq_len=512, micro_batch=a.micro_batch, batch_tokens=32768, max_steps=a.steps, lr=a.lr, warmup_steps=30,
               schedule="wsd", eval_every=100, eval_batches=16, save_every=a.steps // 2, log_every=25,
               compile=True, seed=3)
     tc["log_every"] = 10
@@ -105,6 +107,10 @@ def main() -> None:
             run("train-bf16-residual", bf16_residual=True, seed=seed)
         if "unfused-qkv" in runs:  # q, k, v as three GEMMs, RoPE's backward compiled (train.fuse_qkv)
             run("train-unfused-qkv", fuse_qkv=False, seed=seed)
+        if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)
+            run("train-autograd-accum", accum_in_gemm=False, seed=seed)
+        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph
+            run("train-muon", optimizer="muon", seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
@@ -168,8 +174,22 @@ def kernel_check(torch) -> dict:
         loss.backward()
         grads[fused] = (loss.item(), [p.grad.clone() for p in m.parameters()])
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[True][1], grads[False][1]))
-    return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel}
+    rel = lambda xs, ys: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(xs, ys))  # noqa: E731
+    # In BF16 under autocast, two micro-batches: gradients added by the GEMMs into kept buffers
+    # (keep_grads, the default with accumulation on one GPU) against autograd's adds.
+    acc = {}
+    m.set_gpu_training(True)
+    for keep in (False, True):
+        m.keep_grads(keep)
+        m.zero_grad(set_to_none=not keep)
+        for i in range(2):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = m(x[i::2, :-1], x[i::2, 1:])
+            loss.backward()
+        acc[keep] = [p.grad.clone() for p in m.parameters()]
+    m.keep_grads(False)
+    return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel(grads[True][1], grads[False][1]),
+            "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False])}
 
 
 def paired(rows: dict, seeds: list[int]) -> None:

@@ -186,9 +186,65 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
+_ADDMM_INTO: dict = {}  # device index → whether addmm adds BF16 operands' product to an FP32 tensor in place
+
+
+def _addmm_into_ok(device: torch.device) -> bool:
+    """Probe, once per device and outside any graph capture, for addmm's out_dtype overload with an
+    FP32 `self` that is also `out` (torch ≥ 2.8 on CUDA)."""
+    if device.index not in _ADDMM_INTO:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # no probing inside a capture: the other path is always correct
+        try:
+            c = torch.zeros(8, 8, device=device)
+            one = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+            for _ in range(2):
+                torch.addmm(c, one, one, out_dtype=torch.float32, out=c)
+            _ADDMM_INTO[device.index] = bool((c == 16).all())
+        except (RuntimeError, TypeError):
+            _ADDMM_INTO[device.index] = False
+    return _ADDMM_INTO[device.index]
+
+
+# -- gradients added into kept buffers (Transformer.keep_grads) ---------------------------------------
+# These two ops add into `acc` but are declared pure, on purpose: a declared mutation makes the
+# compiler functionalise it, and inductor then copied the whole accumulator in every backward graph
+# (session 5: 0.40 ms a micro-batch, as much as the adds saved). Declared pure they are opaque calls.
+# That is safe only because nothing inside a graph reads `acc`: the optimizer reads it after the
+# backward pass. Each returns a zero scalar, the gradient of the model's `grad_token`, so the call's
+# result is used and the compiler keeps it.
+@torch.library.custom_op("luca::mm_into", mutates_args=())
+def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b (BF16 a, b; FP32 acc): on CUDA inside the GEMM (beta = 1: the epilogue reads the
+    accumulator, no separate add kernel), elsewhere an add of `mm_fp32`. Returns a zero scalar."""
+    if a.is_cuda and MM_OUT_DTYPE and _addmm_into_ok(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(mm_fp32(a, b))
+    return acc.new_zeros(())
+
+
+@mm_into.register_fake
+def _(acc, a, b):
+    return acc.new_empty(())
+
+
+@torch.library.custom_op("luca::embedding_into", mutates_args=())
+def embedding_into(acc: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """acc[ids] += grad (rows; FP32 acc): the embedding's weight gradient scattered straight into
+    its kept buffer, instead of a dense (vocab × d) gradient built and then added. Returns a zero scalar."""
+    acc.index_add_(0, ids.reshape(-1), grad.reshape(-1, acc.shape[1]).to(acc.dtype))
+    return acc.new_zeros(())
+
+
+@embedding_into.register_fake
+def _(acc, ids, grad):
+    return acc.new_empty(())
+
+
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, mean: bool, dtype: torch.dtype, cached):
+    def forward(ctx, h, weight, targets, mean: bool, dtype: torch.dtype, cached, acc):
         hb = h.to(dtype)
         wb = cached if cached is not None and cached.dtype == dtype else weight.to(dtype)
         logits = hb @ wb.t()
@@ -196,6 +252,7 @@ class _LinearCE(torch.autograd.Function):
         scale = (1.0 / count.float()) if mean else torch.ones((), device=h.device)
         losses = cross_entropy_rows(logits, targets, scale.reshape(1))
         ctx.save_for_backward(hb, wb, logits)  # logits now hold the gradient
+        ctx.acc = acc  # the weight's kept FP32 gradient, added to by the GEMM; None: autograd's add
         ctx.dtypes = (h.dtype, weight.dtype)
         ctx.needs = (h.requires_grad, weight.requires_grad)
         return losses.sum() * scale
@@ -208,18 +265,22 @@ class _LinearCE(torch.autograd.Function):
         gh = gw = None
         if ctx.needs[0]:
             gh = scale_(g @ wb, s).to(ctx.dtypes[0])
-        if ctx.needs[1]:
+        if ctx.needs[1] and ctx.acc is not None:
+            mm_into(ctx.acc, g.t(), scale_(hb.clone(), s))
+        elif ctx.needs[1]:
             gw = mm_fp32(g.t(), scale_(hb.clone(), s)).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 @torch.compiler.disable  # a Triton kernel between compiled graphs; the CUDA graph of a step holds it
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         reduction: str = "mean", cached: torch.Tensor | None = None) -> torch.Tensor:
+                         reduction: str = "mean", cached: torch.Tensor | None = None,
+                         acc: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D)) against `targets` (...),
     mean over counted targets or their sum, with the gradient computed in the forward pass
     (module docstring). The GEMMs run in the autocast dtype when autocast is on. `cached` is the
-    weight already cast to the compute dtype, read instead of a new cast."""
+    weight already cast to the compute dtype, read instead of a new cast; `acc`, the weight's
+    kept FP32 gradient, which the weight-gradient GEMM then adds to (`mm_into`)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     if not available(h.device):  # a CUDA machine without Triton: the plain cross-entropy
@@ -230,7 +291,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         return _LinearCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                               reduction == "mean", dtype, cached)
+                               reduction == "mean", dtype, cached, acc)
 
 
 # -- the fused q/k/v projection's RoPE and SwiGLU: compiled forwards, backwards in one pass each ----

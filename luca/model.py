@@ -151,36 +151,60 @@ class _Wgrad32(torch.autograd.Function):
     then cast up to the FP32 parameter's dtype in a separate pass."""
 
     @staticmethod
-    def forward(ctx, x, w, dtype, wb):
+    def forward(ctx, x, w, dtype, wb, acc, token):
         xb, wb = x.to(dtype), (w.to(dtype) if wb is None else wb)
         ctx.save_for_backward(xb, wb)
+        ctx.acc = acc  # not saved: saving would check its version, which every add bumps
         return xb @ wb.t()
 
     @staticmethod
     def backward(ctx, gy):
         xb, wb = ctx.saved_tensors
-        gw = kernels.mm_fp32(gy.reshape(-1, gy.shape[-1]).t(), xb.reshape(-1, xb.shape[-1]))
-        return gy @ wb, gw, None, None
+        a, b = gy.reshape(-1, gy.shape[-1]).t(), xb.reshape(-1, xb.shape[-1])
+        if ctx.acc is not None:  # the GEMM adds into the kept gradient; autograd gets nothing to add
+            return gy @ wb, None, None, None, None, kernels.mm_into(ctx.acc, a, b)
+        return gy @ wb, kernels.mm_fp32(a, b), None, None, None, None
+
+
+class _EmbedInto(torch.autograd.Function):
+    """The embedding lookup, whose backward scatters the rows' gradients straight into the weight's
+    kept FP32 gradient (`kernels.embedding_into`, Transformer.keep_grads)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, acc, token):
+        ctx.save_for_backward(ids)
+        ctx.acc = acc  # as _Wgrad32's
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None, None, kernels.embedding_into(ctx.acc, ctx.saved_tensors[0], g)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool, bias: torch.Tensor | None = None,
-           cached: torch.Tensor | None = None) -> torch.Tensor:
+           cached: torch.Tensor | None = None, acc: torch.Tensor | None = None,
+           token: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; with `wgrad32` under autocast (and no bias), FP32 weight gradients from the GEMM.
     `cached`: the weight already cast to the autocast dtype (`cache_weights`), read instead of a
-    new cast in a training forward."""
+    new cast in a training forward. `acc`, `token`: the weight's kept gradient, which the GEMM adds
+    to, and the model's `grad_token` (`keep_grads`)."""
     if wgrad32 and bias is None and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         use = cached is not None and cached.dtype == dtype and torch.is_grad_enabled()
-        return _Wgrad32.apply(x, weight, dtype, cached if use else None)
+        into = acc is not None and token is not None and torch.is_grad_enabled()
+        return _Wgrad32.apply(x, weight, dtype, cached if use else None, acc if into else None,
+                              token if into else None)
     return F.linear(x, weight, bias)
 
 
-def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, cached: bool = False) -> torch.Tensor:
+def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, cached: bool = False,
+         token: torch.Tensor | None = None) -> torch.Tensor:
     """A projection module applied to x: through `linear` with `wgrad32` (set only for nn.Linear),
-    from its cached low-precision weight with `cached`."""
+    from its cached low-precision weight with `cached`, into its kept gradient with `token`."""
     if not wgrad32:
         return m(x)
-    return linear(x, m.weight, True, m.bias, m.weight_lp if cached else None)
+    return linear(x, m.weight, True, m.bias, m.weight_lp if cached else None,
+                  m.weight.grad if token is not None else None, token)
 
 
 class KVCache:
@@ -219,6 +243,8 @@ class Attention(nn.Module):
         self.wgrad32 = False  # weight gradients straight from the GEMM in FP32 (`linear`)
         self.cached = False  # the projections read weights cast once per step (Transformer.cache_weights)
         self.qkv_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
+        self.grad_token: torch.Tensor | None = None  # set: GEMMs add into kept gradients (Transformer.keep_grads)
+        self.qkv_grad: torch.Tensor | None = None  # the fused weight's kept gradient (q, k, v's are views)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -229,7 +255,7 @@ class Attention(nn.Module):
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
             qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias,
-                         cached=self.qkv_lp if self.cached else None)
+                         cached=self.qkv_lp if self.cached else None, acc=self.qkv_grad, token=self.grad_token)
         if self.fused and not cfg.qk_norm and cache is None:
             # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
             q, k, v = RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
@@ -237,7 +263,8 @@ class Attention(nn.Module):
             if self.fused:
                 q, k, v = qkv.split([m.out_features for m in lins], dim=-1)
             else:
-                q, k, v = (proj(m, x, self.wgrad32, self.cached) for m in (self.q_proj, self.k_proj, self.v_proj))
+                q, k, v = (proj(m, x, self.wgrad32, self.cached, self.grad_token)
+                           for m in (self.q_proj, self.k_proj, self.v_proj))
             q = q.view(B, T, cfg.n_heads, cfg.head_dim)
             k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
             v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
@@ -259,7 +286,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
-        return proj(self.o_proj, y, self.wgrad32, self.cached)
+        return proj(self.o_proj, y, self.wgrad32, self.cached, self.grad_token)
 
 
 def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -276,16 +303,19 @@ class MLP(nn.Module):
         self.fused = False  # gate and up as one GEMM (Transformer.set_gpu_training)
         self.wgrad32 = self.cached = False  # as Attention's
         self.gate_up_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
+        self.grad_token: torch.Tensor | None = None  # as Attention's
+        self.gate_up_grad: torch.Tensor | None = None
 
     def forward(self, x):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None)
+            gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None,
+                        acc=self.gate_up_grad, token=self.grad_token)
             h = kernels.SwiGLU.apply(gu)  # its backward reads gate, up and d h once (luca/kernels.py)
         else:
-            gate, up = (proj(m, x, self.wgrad32, self.cached) for m in (self.gate_proj, self.up_proj))
+            gate, up = (proj(m, x, self.wgrad32, self.cached, self.grad_token) for m in (self.gate_proj, self.up_proj))
             h = F.silu(gate) * up
-        return proj(self.down_proj, h, self.wgrad32, self.cached)
+        return proj(self.down_proj, h, self.wgrad32, self.cached, self.grad_token)
 
 
 class Block(nn.Module):
@@ -325,6 +355,7 @@ class Transformer(nn.Module):
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
+        self.grad_token: torch.Tensor | None = None  # set while gradients are kept (keep_grads)
         self.init_rope()
         self.reset_parameters()
 
@@ -387,6 +418,45 @@ class Transformer(nn.Module):
         self._cached_pairs += [(head.weight_lp, head.weight)] if on else []
         self.refresh_weights()
 
+    def keep_grads(self, on: bool = True) -> None:
+        """Keep every gradient allocated between steps (the optimizer zeroes them in place: luca.step)
+        and let the weight-gradient GEMMs of the projections and the head add into them (cuBLAS's
+        beta = 1), and the embedding's backward scatter its rows into its gradient. With gradient
+        accumulation this replaces autograd's add of each new gradient to the kept one (a read and
+        a write of all FP32 gradients per micro-batch) and the embedding's dense (vocab × d)
+        gradient. Needs `wgrad32` for the projections; one process only (DDP and FSDP act on the
+        autograd accumulation this bypasses). Call after `set_gpu_training`.
+
+        The GEMMs' ops return a zero scalar as the gradient of `grad_token`, an input of every
+        such autograd function, so that compiled graphs keep them (luca/kernels.py says why they
+        are declared pure)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        on = on and bool(params)
+        self.grad_token = torch.zeros((), device=params[0].device, requires_grad=True) if on else None
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            for mod, name, parts in ((a, "qkv_grad", (a.q_proj, a.k_proj, a.v_proj)),
+                                     (m, "gate_up_grad", (m.gate_proj, m.up_proj))):
+                mod.grad_token = self.grad_token if on and mod.wgrad32 else None
+                setattr(mod, name, None)
+                if mod.grad_token is not None and mod.fused:  # one buffer; the parts' gradients are views
+                    ws = [p.weight for p in parts]
+                    buf = torch.zeros(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device,
+                                      dtype=ws[0].dtype)
+                    setattr(mod, name, buf)
+                    for w, g in zip(ws, buf.split([w.shape[0] for w in ws])):
+                        w.grad = g
+        if on:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    @property
+    def grads_kept(self) -> bool:
+        return self.grad_token is not None
+
     @property
     def weights_cached(self) -> bool:
         """Whether `cache_weights` is on (the head's copy is always among the cached pairs then)."""
@@ -431,7 +501,11 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, T, d_model) for token ids (B, T)."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
-        x = self.model.embed_tokens(tokens)
+        emb = self.model.embed_tokens
+        if self.grads_kept and torch.is_grad_enabled() and type(emb) is nn.Embedding and emb.weight.grad is not None:
+            x = _EmbedInto.apply(tokens, emb.weight, emb.weight.grad, self.grad_token)
+        else:
+            x = emb(tokens)
         if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # residual adds then stay in BF16
         if positions is None and start + T <= self.rope_cos.shape[0]:
@@ -465,19 +539,21 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.weights_cached)
+        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.weights_cached, self.grads_kept)
 
 
 def head_loss(impl: str, h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str,
-              cached: bool = False) -> torch.Tensor:
+              cached: bool = False, into: bool = False) -> torch.Tensor:
     """The cross-entropy of the head's logits by `loss_impl` (module docstring); shared with luca.baseline.
-    `cached`: the kernel reads the head's weight cast once per step (Transformer.cache_weights)."""
+    `cached`: the kernel reads the head's weight cast once per step (Transformer.cache_weights);
+    `into`: its GEMM adds the weight's gradient into the kept `.grad` (Transformer.keep_grads)."""
     if reduction != "none":
         if impl == "fused" and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             if torch.is_autocast_enabled(h.device.type):  # cast here, where the compiler fuses it with the norm
                 h = h.to(torch.get_autocast_dtype(h.device.type))
             return kernels.linear_cross_entropy(h, head.weight, targets, reduction,
-                                                head.weight_lp if cached else None)
+                                                head.weight_lp if cached else None,
+                                                head.weight.grad if into else None)
         if impl in ("full", "fused"):
             logits = head(h).float()
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,

@@ -58,8 +58,14 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             opt.step()
         elif bool(ok):
             opt.step()
-    opt.zero_grad(set_to_none=True)
+    zero_grad(raw, opt)
     return loss_sum, gnorm, ok
+
+
+def zero_grad(raw: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Free the gradients, or zero them in place where the model keeps them (`keep_grads`: its GEMMs
+    add into them, so they must stay where they are)."""
+    opt.zero_grad(set_to_none=not any(getattr(m, "grads_kept", False) for m in raw.modules()))
 
 
 def _taken(gnorm: torch.Tensor, loss_sum: torch.Tensor, world: int) -> torch.Tensor:
@@ -134,7 +140,7 @@ class Stepper:
             self.static = [b.clone() for b in micro_batches]
             for g in opt.param_groups:
                 g["lr"], g["capturable"] = self.lr, True  # the kernel reads lr from device memory
-            opt.zero_grad(set_to_none=True)  # gradients are then allocated (and kept) in the graph's pool
+            zero_grad(self.raw, opt)  # gradients are then allocated (and kept) in the graph's pool unless kept already
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph takes its own pool
             graph = torch.cuda.CUDAGraph()
@@ -150,7 +156,7 @@ class Stepper:
             self.out, self.static, self.lr = None, [], None
             if stream is not None:  # a capture that failed inside leaves its side stream current
                 torch.cuda.set_stream(stream)
-            opt.zero_grad(set_to_none=True)
+            zero_grad(self.raw, opt)
         for g, (lr, cap) in zip(opt.param_groups, saved):
             g["lr"], g["capturable"] = lr, cap
 

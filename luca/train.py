@@ -86,6 +86,7 @@ class TrainConfig:
     fuse_qkv: bool = True  # CUDA: q, k, v as one GEMM, RoPE's backward in luca's kernel (luca/model.py)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
+    accum_in_gemm: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients into kept buffers
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -327,6 +328,9 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
         accumulates = cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
         if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and accumulates and hasattr(trunk, "cache_weights"):
             trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
+        if cfg.accum_in_gemm and cfg.dtype == "bf16" and dd.world == 1 and not cfg.fsdp and accumulates \
+                and hasattr(trunk, "keep_grads"):
+            trunk.keep_grads()  # no autograd add per micro-batch and weight (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
     if cfg.optimizer == "muon":

@@ -149,3 +149,33 @@ def test_cached_weights_train_bitwise_as_casts_and_never_go_stale(compiled):
         x = torch.randint(0, 256, (2, 33), generator=g)
         with torch.no_grad(), autocast:
             assert torch.equal(a(x[:, :-1], x[:, 1:]), b(x[:, :-1], x[:, 1:]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kept_gradients_are_added_by_the_gemms_and_train_as_autograds_adds(compiled):
+    """`keep_grads`: the projections' and the head's GEMMs add their weight gradients into kept FP32
+    buffers and the embedding scatters into its own, instead of autograd adding each micro-batch's
+    gradient. Training must match autograd's way (to rounding: the embedding's rows are added in
+    another order), the buffers must stay the same tensors, zeroed between steps, and the ops must
+    really run inside compiled graphs (their zero results reach `grad_token`)."""
+    for fuse in (False, True):
+        a, b = _cached_pair(fuse)
+        b.keep_grads()
+        assert b.grads_kept and b.model.layers[0].mlp.grad_token is not None
+        kept = {n: p.grad for n, p in b.named_parameters()}
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        # SGD: AdamW would blow the rounding difference of a near-zero gradient up to a whole step
+        steppers = [Stepper(torch.compile(m) if compiled else m, m, torch.optim.SGD(m.parameters(), lr=0.5),
+                            1.0, autocast, 1, False, True) for m in (a, b)]
+        g = torch.Generator().manual_seed(5)
+        for i in range(3):
+            batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(3)]
+            la, lb = (s(batches, 1e-2)[0] for s in steppers)
+            torch.testing.assert_close(lb, la, rtol=1e-4, atol=0, msg=f"{fuse} {i}")
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=n)
+            assert pa.grad is None and pb.grad is kept[n] and not pb.grad.any(), n
+        assert b.grad_token.grad is not None  # the ops' results flowed back: they ran
+        if fuse:
+            mlp = b.model.layers[0].mlp
+            assert mlp.gate_proj.weight.grad.data_ptr() == mlp.gate_up_grad.data_ptr()
