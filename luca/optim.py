@@ -9,7 +9,10 @@ What is notable:
   embeddings, the output head, norms and biases keep AdamW, in the same optimizer object (one
   state dict, one checkpoint). Each orthogonalised update is scaled by 0.2·√max(rows, cols), which
   gives it AdamW's typical update RMS (Moonshot's "Muon is scalable"), so both share one learning
-  rate, schedule and weight decay.
+  rate, schedule and weight decay. On a GPU, matrices of one shape are orthogonalised together, as
+  one batch of matrix products, and the element-wise parts run as multi-tensor (foreach) kernels:
+  a step launches a few hundred kernels instead of ~50 per matrix (without a CUDA graph each launch
+  costs host time; benchmarks/bench_optim.py).
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
@@ -34,17 +37,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """An approximation of U·Vᵀ for g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]) by
-    the quintic iteration of Muon, in BF16; g is 2-D, the result has g's shape and dtype."""
+    the quintic iteration of Muon, in BF16; g is a matrix or a batch of them (..., rows, cols), the
+    result has g's shape and dtype."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: X·Xᵀ is then the smaller product
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * (s @ s)) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -59,27 +63,52 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if group["muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.lerp_(g, 1 - group["momentum"])
-                    update = newton_schulz(g.lerp(buf, group["momentum"]), group["ns_steps"])  # Nesterov
-                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
-                    continue
-                if not state:
-                    state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
-                                 exp_avg_sq=torch.zeros_like(p))
-                b1, b2 = group["betas"]
-                state["step"] += 1
-                t = float(state["step"])
-                state["exp_avg"].lerp_(g, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
-                p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon if group["muon"] else self._adamw)(group, params)
+
+    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mom)
+        nesterov = torch._foreach_lerp(grads, bufs, mom)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, idx in by_shape.items():
+            if params[0].is_cuda:  # one batch of products per shape
+                updates = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["ns_steps"]).unbind(0)
+            else:  # a CPU's batched BF16 products ran slower than one matrix at a time (benchmarks/bench_optim.py)
+                updates = [newton_schulz(nesterov[i], group["ns_steps"]) for i in idx]
+            torch._foreach_add_([params[i] for i in idx], updates, alpha=-lr * 0.2 * max(shape) ** 0.5)
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1  # a CPU tensor: reading it back costs no device sync
+        grads = [p.grad for p in params]
+        ms, vs = [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        by_step: dict[float, list[int]] = {}  # bias corrections: one per step count (all equal, usually)
+        for i, p in enumerate(params):
+            by_step.setdefault(float(self.state[p]["step"]), []).append(i)
+        for t, idx in by_step.items():
+            denom = torch._foreach_sqrt([vs[i] for i in idx])
+            torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_([params[i] for i in idx], [ms[i] for i in idx], denom, value=-lr / (1 - b1 ** t))
 
 
 def muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8) -> Muon:

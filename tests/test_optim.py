@@ -30,6 +30,29 @@ def test_newton_schulz_gives_near_orthogonal_factors(shape):
     assert (x * m).sum() / s.sum() > 0.85
 
 
+def test_muon_step_batched_by_shape_equals_one_matrix_at_a_time():
+    """The step orthogonalises same-shaped matrices as one batch and updates with multi-tensor
+    kernels: the weights must be those of Muon's rule applied to each matrix on its own."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 160), (48, 160), (160, 48), (64, 64), (48, 160)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [p.detach().clone() for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    opt = Muon([{"params": ps, "weight_decay": 0.1, "muon": True}], lr=1e-2)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        opt.step()
+        for i, (w, gr) in enumerate(zip(ref, grads)):  # the rule, one matrix at a time
+            bufs[i].lerp_(gr, 0.05)
+            u = newton_schulz(gr.lerp(bufs[i], 0.95))
+            w.mul_(1 - 1e-2 * 0.1).add_(u, alpha=-1e-2 * 0.2 * max(w.shape) ** 0.5)
+    for p, w in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=2e-4)
+    assert not torch.equal(ps[0], ps[1])
+
+
 def test_adamw_groups_step_as_torch_adamw():
     """Groups without `muon` are AdamW: the same weights as torch.optim.AdamW after a few steps."""
     torch.manual_seed(0)
