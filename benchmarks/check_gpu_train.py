@@ -59,7 +59,9 @@ def main() -> None:
     D.collect(D.DataConfig(sources=["builtin:python"]), data_dir, progress=False)
     tok = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), D.iter_documents(data_dir, "train"))
     D.tokenize(data_dir, tok, progress=False)
-    print(f"data + tokenizer: {time.perf_counter() - t0:.1f} s", flush=True)
+    n_train = D.TokenShards(data_dir, "train").n_tokens
+    print(f"data + tokenizer: {time.perf_counter() - t0:.1f} s; {n_train:,} training tokens, which "
+          f"{a.steps} steps of 32,768 pass over {a.steps * 32768 / n_train:.1f} times", flush=True)
 
     mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
     tc = dict(seq_len=512, micro_batch=a.micro_batch, batch_tokens=32768, max_steps=a.steps, lr=a.lr, warmup_steps=30,

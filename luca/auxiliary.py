@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 
 from luca.errors import LucaError
-from luca.model import ModelConfig, RMSNorm, Transformer, chunked_cross_entropy
+from luca.loss import chunked_cross_entropy
+from luca.model import ModelConfig, RMSNorm, Transformer
 
 KINDS = ("none", "bottleneck", "mtp")
 

@@ -21,7 +21,7 @@ What is notable:
   `transformers.AutoModelForCausalLM` loads to the same logits, and `rundir.load_model` loads back.
 - The same calling convention as `luca.model.Transformer` (`model(tokens)` → logits,
   `model(tokens, targets, reduction=...)` → loss through the fused chunked cross-entropy or,
-  with `loss_impl = "full"` / `"fused"`, luca.model's GPU paths (`head_loss`); `positions=`, `doc_ids=`, `cache=KVCache`), so the
+  with `loss_impl = "full"` / `"fused"`, luca.loss's other paths (`head_loss`); `positions=`, `doc_ids=`, `cache=KVCache`), so the
   training loop, validation BPB, `evaluate.bpb` and the diagnostics run it unchanged; and the
   engine protocol (`generate_ids`), so `luca run`'s samples and `luca generate` work. (The
   benchmark harness of luca/evaluate and the native engine's fused kernels read luca's
@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from luca.model import KVCache, ModelConfig, head_loss
+from luca.loss import head_loss
+from luca.model import KVCache, ModelConfig
 
 # Modules whose HF weights are Conv1D (in × out): transposed on the way in and out.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -103,7 +103,7 @@ def test_chunked_loss_equals_plain_cross_entropy():
     x = torch.randint(0, 300, (2, 40))
     y = torch.randint(0, 300, (2, 40))
     y[0, :5] = -100
-    from luca.model import chunked_cross_entropy
+    from luca.loss import chunked_cross_entropy
     h = m.hidden_states(x)
     ref = torch.nn.functional.cross_entropy(m.lm_head(h).flatten(0, 1), y.flatten(), ignore_index=-100)
     got = chunked_cross_entropy(h, m.lm_head.weight, y, chunk=16)

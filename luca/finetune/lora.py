@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from luca.errors import LucaError
+from luca.loss import compute_dtype
 from luca.model import Transformer
 
 # short name → (submodule of a block, HF module name)
@@ -90,14 +91,6 @@ def _bnb():
     except ImportError:
         raise LucaError("QLoRA needs bitsandbytes: pip install 'luca[qlora]'") from None
     return bnbf
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    try:
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    except RuntimeError:  # a device without autocast (meta)
-        return x.dtype
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
@@ -236,7 +229,7 @@ class LoraLinear(nn.Module):
         return self.dequantized(torch.float32) + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         if not self.nf4:
             y = F.linear(x, self.weight, self.bias)
         else:
