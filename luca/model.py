@@ -370,7 +370,8 @@ class Transformer(nn.Module):
         --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22); over
         14 seeds of a 20M model (benchmarks/check_gpu_train.py --runs bf16-residual) +0.10% ± 0.16%
         (p = 0.54); but over 1,500 steps (~17 passes over its data) the same 20M model reached val
-        BPB 1.93 against 1.39 and train loss 0.45 against 0.03, on both of 2 seeds (H200, session 7).
+        BPB 1.93 against 1.39 and train loss 0.45 against 0.03, on both of 2 seeds (H200, session 7;
+        not reproduced by a small CPU model, so the cause is open: benchmarks/results/bench_train_h100.md).
 
         `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
         weight per step.
