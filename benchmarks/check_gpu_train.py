@@ -74,7 +74,15 @@ def main() -> None:
         tc.update(micro_batch=2, batch_tokens=1024, max_steps=6, save_every=3, eval_every=3, eval_batches=2,
                   log_every=1, compile=False, warmup_steps=1)
         a.steps, ft_steps = 6, 4
-    rows, curves = {}, {}
+    rows, curves, val_curves = {}, {}, {}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def save() -> None:
+        """Results so far into $OUT after every run: a call cut off by its time limit keeps them."""
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "check_gpu_train.json").write_text(json.dumps(
+                {"gpu": gpu, "kernels_vs_autograd": kernels_vs_autograd, "runs": rows, "loss_curves": curves,
+                 "val_bpb_curves": val_curves}, indent=2))
 
     def run(name: str, until_half: bool = False, **over) -> None:
         torch._dynamo.reset()
@@ -91,10 +99,12 @@ def main() -> None:
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         late = [r["tokens_per_s"] for r in recs if r["step"] > a.steps // 3 and "val_bpb" not in r]
         curves[name] = [round(r["loss"], 3) for r in recs if "loss" in r]
+        val_curves[name] = [(r["step"], r["val_bpb"]) for r in recs if "val_bpb" in r]
         rows[name] = {"val_bpb": s["val_bpb"], "final_loss": s["final_train_loss"], "wall_s": time.perf_counter() - t,
                       "tokens_per_s": sorted(late)[len(late) // 2] if late else s["tokens_per_s"],
                       "bad_steps": s["bad_steps"], "max_memory_gib": s.get("max_memory_gib")}
         print(name, json.dumps(rows[name]), flush=True)
+        save()
 
     runs, first = set(a.runs.split(",")), int(a.seeds.split(",")[0])
     for seed in [int(x) for x in a.seeds.split(",")]:
@@ -142,11 +152,7 @@ def main() -> None:
             rows[name]["tokens_per_s"] = logged[len(logged) // 2]
         print(name, json.dumps(rows[name]), flush=True)
 
-    out = os.environ.get("OUT")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if out:
-        Path(out, "check_gpu_train.json").write_text(json.dumps(
-            {"gpu": gpu, "kernels_vs_autograd": kernels_vs_autograd, "runs": rows, "loss_curves": curves}, indent=2))
+    save()
     print(f"\n| run ({gpu}) | val BPB | final loss | tokens/s | wall s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
