@@ -214,10 +214,14 @@ def _addmm_into_ok(device: torch.device) -> bool:
 # backward pass. Each returns a zero scalar, the gradient of the model's `grad_token`, so the call's
 # result is used and the compiler keeps it. (A 0-element result would spare the zero fills, 0.06 ms a
 # micro-batch, but the compiler then drops the calls: the compiled test in tests/test_step.py fails.)
+# They write through `acc.data`, which leaves the tensor's version counter alone: a graph that saved
+# the buffer (a compiled, checkpointed trunk whose tied embedding shares the head's gradient) checks
+# that version in its backward, after the head's GEMM has already added into it.
 @torch.library.custom_op("luca::mm_into", mutates_args=())
 def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc += a @ b (BF16 a, b; FP32 acc): on CUDA inside the GEMM (beta = 1: the epilogue reads the
     accumulator, no separate add kernel), elsewhere an add of `mm_fp32`. Returns a zero scalar."""
+    acc = acc.data  # an alias whose writes leave acc's version alone (below)
     if a.is_cuda and MM_OUT_DTYPE and _addmm_into_ok(a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
@@ -234,6 +238,7 @@ def _(acc, a, b):
 def embedding_into(acc: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """acc[ids] += grad (rows; FP32 acc): the embedding's weight gradient scattered straight into
     its kept buffer, instead of a dense (vocab × d) gradient built and then added. Returns a zero scalar."""
+    acc = acc.data  # as mm_into's
     acc.index_add_(0, ids.reshape(-1), grad.reshape(-1, acc.shape[1]).to(acc.dtype))
     return acc.new_zeros(())
 

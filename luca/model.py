@@ -255,7 +255,9 @@ class Attention(nn.Module):
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
             qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias,
-                         cached=self.qkv_lp if self.cached else None, acc=self.qkv_grad, token=self.grad_token)
+                         cached=self.qkv_lp if self.cached else None, token=self.grad_token,
+                         # gradients freed since keep_grads (zero_grad's default): autograd's way
+                         acc=self.qkv_grad if self.q_proj.weight.grad is not None else None)
         if self.fused and not cfg.qk_norm and cache is None:
             # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
             q, k, v = RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
@@ -310,7 +312,8 @@ class MLP(nn.Module):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
             gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None,
-                        acc=self.gate_up_grad, token=self.grad_token)
+                        acc=self.gate_up_grad if self.gate_proj.weight.grad is not None else None,
+                        token=self.grad_token)
             h = kernels.SwiGLU.apply(gu)  # its backward reads gate, up and d h once (luca/kernels.py)
         else:
             gate, up = (proj(m, x, self.wgrad32, self.cached, self.grad_token) for m in (self.gate_proj, self.up_proj))

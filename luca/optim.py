@@ -70,7 +70,10 @@ class Muon(torch.optim.Optimizer):
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         grads = [p.grad for p in params]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - mom)
         nesterov = torch._foreach_lerp(grads, bufs, mom)
         if wd:

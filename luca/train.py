@@ -266,11 +266,18 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, wh
         raise LucaError(f"{where}: the checkpoint was trained with optimizer {saved}, this run asks for {wanted}; "
                         f"resume with --train.optimizer {saved}, or train into a new directory")
     flags = [(g.get("fused"), g.get("foreach"), g.get("capturable")) for g in opt.param_groups]
+    # Kept gradients (Transformer.keep_grads) go during the load: torch builds the optimizer's state
+    # to load into only where no gradient exists yet, and frees the gradients it made for that.
+    kept = [m for m in unwrap(model).modules() if getattr(m, "grads_kept", False)]
+    for m in kept:
+        m.keep_grads(False)
     if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an index-keyed checkpoint of luca ≤ 0.1
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     else:
         load_full_state(model, opt, state["model"], state["optimizer"])
+    for m in kept:
+        m.keep_grads()
     for g, (fused, foreach, capturable) in zip(opt.param_groups, flags):  # this device's kernels, not the saver's
         g["fused"], g["foreach"], g["capturable"] = fused, foreach, capturable
 

@@ -157,9 +157,16 @@ def test_kept_gradients_are_added_by_the_gemms_and_train_as_autograds_adds(compi
     buffers and the embedding scatters into its own, instead of autograd adding each micro-batch's
     gradient. Training must match autograd's way (to rounding: the embedding's rows are added in
     another order), the buffers must stay the same tensors, zeroed between steps, and the ops must
-    really run inside compiled graphs (their zero results reach `grad_token`)."""
-    for fuse in (False, True):
+    really run inside compiled graphs (their zero results reach `grad_token`). Also with activation
+    checkpointing, where a compiled trunk saves the tied embedding's buffer that the head's GEMM
+    adds into before the trunk's backward reads it."""
+    for fuse, ckpt in ((False, False), (True, False), (True, True)):
+        torch._dynamo.reset()  # past its recompile limit, dynamo would quietly run the later models eagerly
         a, b = _cached_pair(fuse)
+        a.gradient_checkpointing = b.gradient_checkpointing = ckpt
+        if ckpt:  # without cached weights: the head then reads the FP32 weight, which the trunk saved
+            a.cache_weights(False)
+            b.cache_weights(False)
         b.keep_grads()
         assert b.grads_kept and b.model.layers[0].mlp.grad_token is not None
         kept = {n: p.grad for n, p in b.named_parameters()}
@@ -171,11 +178,47 @@ def test_kept_gradients_are_added_by_the_gemms_and_train_as_autograds_adds(compi
         for i in range(3):
             batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(3)]
             la, lb = (s(batches, 1e-2)[0] for s in steppers)
-            torch.testing.assert_close(lb, la, rtol=1e-4, atol=0, msg=f"{fuse} {i}")
+            torch.testing.assert_close(lb, la, rtol=1e-4, atol=0, msg=f"{fuse} {ckpt} {i}")
         for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=n)
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{n} {ckpt}")
             assert pa.grad is None and pb.grad is kept[n] and not pb.grad.any(), n
         assert b.grad_token.grad is not None  # the ops' results flowed back: they ran
         if fuse:
             mlp = b.model.layers[0].mlp
             assert mlp.gate_proj.weight.grad.data_ptr() == mlp.gate_up_grad.data_ptr()
+
+
+def test_kept_gradients_survive_a_checkpoint_load_and_being_freed():
+    """Resuming (`train._restore`) with kept gradients: torch builds the optimizer state to load into
+    only where no gradient exists, so the load must work around them and keep them afterwards. And
+    gradients freed by a plain `zero_grad()` fall back to autograd's adds instead of vanishing."""
+    from luca.distributed import full_state
+    from luca.optim import adamw
+    from luca.train import _restore
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(3))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def made():
+        _, m = _cached_pair(True)
+        m.keep_grads()
+        return m, adamw(m, 1e-2, 0.1, (0.9, 0.95))
+    m, opt = made()
+    with autocast:
+        m(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    model_state, opt_state = full_state(m, opt)
+    m2, opt2 = made()
+    _restore(m2, opt2, {"model": model_state, "optimizer": opt_state}, "ckpt")
+    assert m2.grads_kept and all(p.grad is not None and not p.grad.any() for p in m2.parameters())
+    for k, v in opt.state_dict()["state"].items():
+        for name, t in v.items():
+            torch.testing.assert_close(opt2.state_dict()["state"][k][name], t, rtol=0, atol=0)
+    ref, _ = made()
+    ref.keep_grads(False)
+    ref.load_state_dict(m2.state_dict())
+    m2.zero_grad()  # set_to_none: the kept buffers are no longer the gradients
+    for model in (ref, m2):
+        with autocast:
+            model(x[:, :-1], x[:, 1:]).backward()
+    for (n, p), q in zip(ref.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=n)
