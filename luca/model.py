@@ -207,6 +207,13 @@ def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, cached: bool = False,
                   m.weight.grad if token is not None else None, token)
 
 
+def kept_buffer(buf: torch.Tensor | None, part: nn.Linear) -> torch.Tensor | None:
+    """A fused GEMM's kept gradient buffer (`keep_grads`), unless its parts' gradients were freed
+    since (zero_grad's default): then autograd's way. `.grad` is read only when keeping, so other
+    models' compiled graphs do not guard on it (it changes between micro-batches: a recompile)."""
+    return buf if buf is not None and part.weight.grad is not None else None
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim)."""
 
@@ -256,8 +263,7 @@ class Attention(nn.Module):
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
             qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias,
                          cached=self.qkv_lp if self.cached else None, token=self.grad_token,
-                         # gradients freed since keep_grads (zero_grad's default): autograd's way
-                         acc=self.qkv_grad if self.q_proj.weight.grad is not None else None)
+                         acc=kept_buffer(self.qkv_grad, self.q_proj))
         if self.fused and not cfg.qk_norm and cache is None:
             # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
             q, k, v = RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
@@ -312,8 +318,7 @@ class MLP(nn.Module):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
             gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None,
-                        acc=self.gate_up_grad if self.gate_proj.weight.grad is not None else None,
-                        token=self.grad_token)
+                        acc=kept_buffer(self.gate_up_grad, self.gate_proj), token=self.grad_token)
             h = kernels.SwiGLU.apply(gu)  # its backward reads gate, up and d h once (luca/kernels.py)
         else:
             gate, up = (proj(m, x, self.wgrad32, self.cached, self.grad_token) for m in (self.gate_proj, self.up_proj))
