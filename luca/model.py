@@ -214,6 +214,13 @@ def kept_buffer(buf: torch.Tensor | None, part: nn.Linear) -> torch.Tensor | Non
     return buf if buf is not None and part.weight.grad is not None else None
 
 
+def _stacked(ws: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One uninitialised buffer for a fused GEMM's weights `ws` stacked by rows, and its row slices,
+    one per weight."""
+    buf = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device, dtype=dtype)
+    return buf, list(buf.split([w.shape[0] for w in ws]))
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim)."""
 
@@ -418,9 +425,9 @@ class Transformer(nn.Module):
                 for p in parts:  # read through the fused buffer instead
                     p.weight_lp = None
                 ws = [p.weight for p in parts]  # a fused GEMM's weight is one buffer, filled from its parts
-                buf = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device, dtype=dtype)
+                buf, rows = _stacked(ws, dtype)
                 setattr(mod, name, buf)
-                self._cached_pairs += list(zip(buf.split([w.shape[0] for w in ws]), ws))
+                self._cached_pairs += list(zip(rows, ws))
             for lin in lins:
                 lin.weight_lp = torch.empty_like(lin.weight, dtype=dtype) if a.cached else None
             self._cached_pairs += [(lin.weight_lp, lin.weight) for lin in lins if a.cached]
@@ -453,10 +460,9 @@ class Transformer(nn.Module):
                 setattr(mod, name, None)
                 if mod.grad_token is not None and mod.fused:  # one buffer; the parts' gradients are views
                     ws = [p.weight for p in parts]
-                    buf = torch.zeros(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device,
-                                      dtype=ws[0].dtype)
-                    setattr(mod, name, buf)
-                    for w, g in zip(ws, buf.split([w.shape[0] for w in ws])):
+                    buf, rows = _stacked(ws, ws[0].dtype)
+                    setattr(mod, name, buf.zero_())
+                    for w, g in zip(ws, rows):
                         w.grad = g
         if on:
             for p in params:

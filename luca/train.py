@@ -332,11 +332,11 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         # one GEMM for gate and up, one for q, k and v (luca/model.py)
         trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual)
-        accumulates = cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
-        if cfg.cast_once and cfg.dtype == "bf16" and dd.world == 1 and accumulates and hasattr(trunk, "cache_weights"):
-            trunk.cache_weights()  # accumulation: one cast per step serves all micro-batches (luca/model.py)
-        if cfg.accum_in_gemm and cfg.dtype == "bf16" and dd.world == 1 and not cfg.fsdp and accumulates \
-                and hasattr(trunk, "keep_grads"):
+        # BF16 accumulation on one process: work done once per step serves all its micro-batches
+        one_accum = cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
+        if cfg.cast_once and one_accum and hasattr(trunk, "cache_weights"):
+            trunk.cache_weights()  # one cast per step (luca/model.py)
+        if cfg.accum_in_gemm and one_accum and not cfg.fsdp and hasattr(trunk, "keep_grads"):
             trunk.keep_grads()  # no autograd add per micro-batch and weight (luca/model.py)
     raw.gradient_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, dd, device, cfg.fsdp, cfg.compile)
