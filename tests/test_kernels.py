@@ -189,3 +189,52 @@ def test_bf16_kernels_within_one_rounding_step():
     got = kernels.rope_qkv_backward(dq, dk, dv, cos, sin)
     assert got.dtype == torch.bfloat16
     assert ((got.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all()
+
+
+def _add_norm_reference(x, a, w, eps, out_dtype):
+    s = x + a
+    xf = s.float()
+    return s, (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)).to(out_dtype)
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+@pytest.mark.parametrize("residual_used", [True, False])
+def test_add_rms_norm_gradients_match_autograd(path, residual_used, monkeypatch):
+    """The residual add + RMSNorm's one-pass backward against autograd's, in FP32: d x (with the
+    residual's own gradient added, or without it for the last norm), d a and d weight, the latter
+    summed over programs that each take several blocks of rows (37 rows: no block is full)."""
+    if path == "fallback":
+        monkeypatch.setattr(kernels, "available", lambda device: False)
+    g = torch.Generator().manual_seed(7)
+    x, a = torch.randn(37, 96, generator=g) * 3, torch.randn(37, 96, generator=g)
+    w = torch.rand(96, generator=g) + 0.5
+    ds, dh = torch.randn(37, 96, generator=g), torch.randn(96, 37, generator=g).t()  # dh: not contiguous
+    ins = [t.clone().requires_grad_() for t in (x, a, w)]
+    s, h = kernels.AddRMSNorm.apply(*ins, 1e-5, torch.float32)
+    ref_ins = [t.clone().requires_grad_() for t in (x, a, w)]
+    s_ref, h_ref = _add_norm_reference(*ref_ins, 1e-5, torch.float32)
+    torch.testing.assert_close((s, h), (s_ref, h_ref), rtol=0, atol=0)
+    got = torch.autograd.grad((h * dh).sum() + (s * ds).sum() * residual_used, ins)
+    want = torch.autograd.grad((h_ref * dh).sum() + (s_ref * ds).sum() * residual_used, ref_ins)
+    for name, gg, ww in zip("xaw", got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_add_rms_norm_mixed_dtypes_within_one_rounding_step():
+    """FP32 residual, BF16 branch and BF16 output (autocast's GEMMs around it): d x in FP32, d a
+    rounded once to BF16 (the interpreter truncates), d weight in FP32."""
+    g = torch.Generator().manual_seed(8)
+    x, a = torch.randn(20, 64, generator=g) * 3, torch.randn(20, 64, generator=g).to(torch.bfloat16)
+    w = torch.rand(64, generator=g) + 0.5
+    dh = torch.randn(20, 64, generator=g).to(torch.bfloat16)
+    ins = [t.clone().requires_grad_() for t in (x, a, w)]
+    s, h = kernels.AddRMSNorm.apply(*ins, 1e-6, torch.bfloat16)
+    assert s.dtype == torch.float32 and h.dtype == torch.bfloat16
+    dx, da, dw = torch.autograd.grad((h.float() * dh.float()).sum(), ins)
+    assert (dx.dtype, da.dtype, dw.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    ref = [x.clone().requires_grad_(), a.float().requires_grad_(), w.clone().requires_grad_()]
+    s_ref, h_ref = _add_norm_reference(*ref, 1e-6, torch.float32)
+    rx, ra, rw = torch.autograd.grad((h_ref * dh.float()).sum(), ref)
+    torch.testing.assert_close(dx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, rw, rtol=1e-5, atol=1e-5)
+    assert ((da.float() - ra).abs() <= ra.abs() * 2 ** -7 + 1e-30).all()

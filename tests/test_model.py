@@ -153,6 +153,31 @@ def test_gpu_training_switches_keep_the_gradients(flavour, checkpointing):
         torch.testing.assert_close(grads[True][n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_fused_norms_compile_to_the_blocks_gradients():
+    """The trunk with each residual add fused into the next RMSNorm (luca's backward kernel, a custom
+    op inside the compiled graph) gives the plain blocks' loss and FP32 gradients when compiled; with
+    the blocks recomputed (activation checkpointing) it is not used."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 300, (2, 37), generator=g), torch.randint(0, 300, (2, 37), generator=g)
+    torch._dynamo.reset()
+    out = {}
+    for fused in (False, True):
+        m = tiny()
+        m.set_gpu_training(True, fuse_norms=fused)
+        assert m.fused_norms == fused
+        loss = torch.compile(m)(x, y) if fused else m(x, y)
+        loss.backward()
+        out[fused] = loss.detach(), {n: p.grad for n, p in m.named_parameters()}
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+    for n, want in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], want, rtol=1e-4, atol=1e-6, msg=n)
+    m.gradient_checkpointing = True
+    calls = []
+    m._fused_norm_trunk = lambda *a: calls.append(a)
+    m(x, y)
+    assert not calls
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_fp32_weight_gradients_equal_autocasts(fuse):
     """`wgrad32` computes the same BF16 forward and backward as autocast; only the weight gradient's
