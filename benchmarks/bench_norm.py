@@ -118,6 +118,11 @@ def main() -> None:
         Path(out_dir, "bench_norm.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "rows": args.rows, "dim": args.dim,
              "results": [dict(name=n, ms=ms, err_dx=e[0], err_da=e[1], err_dw=e[2]) for n, ms, e in rows]}, indent=1))
+    best = min(rows[1:], key=lambda r: r[1])[0]
+    cfg = ",".join(best.replace("/SM", "").split("rows ")[1].replace("warps ", "").split(", "))
+    if out_dir:
+        Path(out_dir, "bench_norm_best.txt").write_text(cfg + "\n")
+    print(f"fastest luca config (rows,warps,per SM): {cfg}")
     print(f"| add + RMSNorm fwd+bwd, {args.rows} × {args.dim} | ms | vs compiled | err dx | err da | err dw |")
     print("|---|---:|---:|---:|---:|---:|")
     for n, ms, e in rows:

@@ -40,6 +40,7 @@ def main() -> None:
                    help="sequences per micro-batch; below 32 the 32-sequence step accumulates micro-batches")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernels-against-autograd check")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
     a = p.parse_args()
     import torch
@@ -53,6 +54,8 @@ def main() -> None:
 
     kernels_vs_autograd = kernel_check(torch)
     print("luca's GPU kernels against autograd (FP32, TF32 off): " + json.dumps(kernels_vs_autograd), flush=True)
+    if a.kernels_only:
+        return
     work = Path(a.work)
     data_dir = work / "data"
     t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def main() -> None:
 
 def kernel_check(torch) -> dict:
     """The training forward and backward with luca's kernels (fused q/k/v with the RoPE-backward
-    kernel, the SwiGLU-backward kernel) against plain autograd on the same weights, in FP32 with TF32
+    kernel, the SwiGLU-backward kernel, the residual adds fused with the norms) against plain autograd on the same weights, in FP32 with TF32
     off: the largest gradient difference relative to that gradient's largest entry."""
     from luca.model import ModelConfig, Transformer
     device = "cuda" if torch.cuda.is_available() else "cpu"
