@@ -102,7 +102,7 @@ def main() -> None:
     w = (torch.rand(args.dim, generator=g) + 0.5).to(DEV)
     ds = torch.randn(args.rows, args.dim, generator=g).to(DEV)
     dh = torch.randn(args.rows, args.dim, generator=g).to(DEV, torch.bfloat16)
-    compile_ = DEV == "cuda"
+    compile_ = DEV == "cuda" or bool(os.environ.get("BENCH_COMPILE"))
     rows = []
     fn = torch.compile(peer) if compile_ else peer
     base = time_ms(fn, [x, a, w], ds, dh, args.reps)

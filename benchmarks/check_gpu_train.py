@@ -184,6 +184,14 @@ def kernel_check(torch) -> dict:
         loss = m(x[:, :-1], x[:, 1:])
         loss.backward()
         grads[fused] = (loss.item(), [p.grad.clone() for p in m.parameters()])
+    # The same fused model compiled: the compiler traces luca's autograd functions itself (torch
+    # 2.11's dropped the residual's gradient through a no-op cast in AddRMSNorm's forward).
+    torch._dynamo.reset()
+    m.zero_grad(set_to_none=True)
+    loss = torch.compile(m)(x[:, :-1], x[:, 1:])
+    loss.backward()
+    grads["compiled"] = (loss.item(), [p.grad.clone() for p in m.parameters()])
+    torch._dynamo.reset()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     rel = lambda xs, ys: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(xs, ys))  # noqa: E731
     # In BF16 under autocast, two micro-batches: gradients added by the GEMMs into kept buffers
@@ -200,6 +208,7 @@ def kernel_check(torch) -> dict:
         acc[keep] = [p.grad.clone() for p in m.parameters()]
     m.keep_grads(False)
     return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel(grads[True][1], grads[False][1]),
+            "compiled_max_rel_grad_diff": rel(grads["compiled"][1], grads[False][1]),
             "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False])}
 
 

@@ -465,27 +465,34 @@ def _(s, dh, dres, weight, eps, a_dtype):
             s.new_empty(s.shape[-1], dtype=torch.float32))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, with no op at all where it already is: inside an autograd function's forward,
+    torch 2.11's compiler dropped the gradient of an output that a no-op `.float()` / `.to()` had
+    aliased (AddRMSNorm's s: the residual's gradient lost; found on an H200, reproduced on a CPU)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class AddRMSNorm(torch.autograd.Function):
     """(s, h) = (x + a, (weight · rmsnorm(s)) in `out_dtype`): a pre-norm block's residual add and
     the next RMSNorm, as Hugging Face computes them (x̂ in FP32, rounded to the residual's dtype,
-    times the weight). The forward is plain torch, which the compiler fuses; the backward is
-    `add_rms_norm_backward`, whose one pass also sums the weight's gradient (the compiler's kernel
-    left that sum to an ATen column reduction, 0.40 ms a micro-batch on an H200)."""
+    times the weight); with `keep_sum` false (the final norm, whose s is used nowhere else) only h.
+    The forward is plain torch, which the compiler fuses; the backward is `add_rms_norm_backward`,
+    whose one pass also sums the weight's gradient (the compiler's kernel left that sum to an ATen
+    column reduction, 0.40 ms a micro-batch on an H200)."""
 
     @staticmethod
-    def forward(ctx, x, a, weight, eps: float, out_dtype: torch.dtype):
+    def forward(ctx, x, a, weight, eps: float, out_dtype: torch.dtype, keep_sum: bool = True):
         s = x + a
-        xf = s.float()
-        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+        xf = _cast(s, torch.float32)
+        xhat = _cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), s.dtype)
         ctx.save_for_backward(s, weight)
-        ctx.eps, ctx.a_dtype = eps, a.dtype
-        ctx.set_materialize_grads(False)  # the last norm's s is used nowhere: no zeros to read
-        return s, (weight * xhat).to(out_dtype)
+        ctx.eps, ctx.a_dtype, ctx.keep_sum = eps, a.dtype, keep_sum
+        h = _cast(weight * xhat, out_dtype)
+        return (s, h) if keep_sum else h
 
     @staticmethod
-    def backward(ctx, ds, dh):
+    def backward(ctx, *grads):
         s, weight = ctx.saved_tensors
-        if dh is None:
-            return ds, ds, None, None, None
+        ds, dh = grads if ctx.keep_sum else (None, grads[0])
         dx, da, dw = add_rms_norm_backward(s, dh, ds, weight, ctx.eps, ctx.a_dtype)
-        return dx, (da if da.numel() else dx), dw, None, None
+        return dx, (da if da.numel() else dx), dw, None, None, None

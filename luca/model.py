@@ -567,11 +567,12 @@ class Transformer(nn.Module):
             norm = block.post_attention_layernorm
             x, h = kernels.AddRMSNorm.apply(x, a, norm.weight, norm.variance_epsilon, lp or x.dtype)
             m = block.mlp(h)
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            last = i + 1 == len(layers)  # the final norm's output keeps RMSNorm's dtype
-            x, h = kernels.AddRMSNorm.apply(x, m, norm.weight, norm.variance_epsilon,
-                                            torch.promote_types(x.dtype, norm.weight.dtype) if last or lp is None else lp)
-        return h
+            if i + 1 == len(layers):  # the final norm: its output keeps RMSNorm's dtype; x is done
+                norm = self.model.norm
+                return kernels.AddRMSNorm.apply(x, m, norm.weight, norm.variance_epsilon,
+                                                torch.promote_types(x.dtype, norm.weight.dtype), False)
+            norm = layers[i + 1].input_layernorm
+            x, h = kernels.AddRMSNorm.apply(x, m, norm.weight, norm.variance_epsilon, lp or x.dtype)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
