@@ -465,10 +465,12 @@ def _(s, dh, dres, weight, eps, a_dtype):
             s.new_empty(s.shape[-1], dtype=torch.float32))
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in `dtype`, with no op at all where it already is: inside an autograd function's forward,
     torch 2.11's compiler dropped the gradient of an output that a no-op `.float()` / `.to()` had
-    aliased (AddRMSNorm's s: the residual's gradient lost; found on an H200, reproduced on a CPU)."""
+    aliased (AddRMSNorm's s, the residual's gradient; RopeQKV's q and k in FP32 or with a BF16
+    residual, whose projections then got no gradient: found on an H200, reproduced on a CPU).
+    Every autograd function that the compiler traces casts through this."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -483,11 +485,11 @@ class AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, weight, eps: float, out_dtype: torch.dtype, keep_sum: bool = True):
         s = x + a
-        xf = _cast(s, torch.float32)
-        xhat = _cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), s.dtype)
+        xf = cast(s, torch.float32)
+        xhat = cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), s.dtype)
         ctx.save_for_backward(s, weight)
         ctx.eps, ctx.a_dtype, ctx.keep_sum = eps, a.dtype, keep_sum
-        h = _cast(weight * xhat, out_dtype)
+        h = cast(weight * xhat, out_dtype)
         return (s, h) if keep_sum else h
 
     @staticmethod

@@ -136,8 +136,8 @@ class RopeQKV(torch.autograd.Function):
         D = qkv.shape[-1] // (n_heads + 2 * n_kv)
         q, k, v = qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
         ctx.save_for_backward(cos, sin)
-        return (apply_rope(q.view(B, T, n_heads, D), cos, sin).to(qkv.dtype),
-                apply_rope(k.view(B, T, n_kv, D), cos, sin).to(qkv.dtype), v.reshape(B, T, n_kv, D))
+        return (kernels.cast(apply_rope(q.view(B, T, n_heads, D), cos, sin), qkv.dtype),
+                kernels.cast(apply_rope(k.view(B, T, n_kv, D), cos, sin), qkv.dtype), v.reshape(B, T, n_kv, D))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -152,7 +152,7 @@ class _Wgrad32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, dtype, wb, acc, token):
-        xb, wb = x.to(dtype), (w.to(dtype) if wb is None else wb)
+        xb, wb = kernels.cast(x, dtype), (kernels.cast(w, dtype) if wb is None else wb)
         ctx.save_for_backward(xb, wb)
         ctx.acc = acc  # not saved: saving would check its version, which every add bumps
         return xb @ wb.t()
