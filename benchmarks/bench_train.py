@@ -86,8 +86,6 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
     "luca-triton-gemm": ("luca with inductor's Triton GEMM templates (fused epilogues) autotuned against cuBLAS",
                          {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
-    "luca-compiled-norms": ("luca with the residual adds and RMSNorms left to the compiler (before session 8)",
-                            {"fuse_norms": False}),
     "luca-autograd-accum": ("luca with autograd adding each micro-batch's weight gradients (train.accum_in_gemm = false)",
                             {"keep": False}),
     "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
@@ -245,8 +243,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
-        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", True), wgrad32=settings.get("wgrad32", True),
-                             fuse_norms=settings.get("fuse_norms", True))
+        raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", True), wgrad32=settings.get("wgrad32", True))
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False
@@ -256,9 +253,6 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
         raw.cache_weights(settings.get("cache", True))
     if raw.grads_kept:  # so do the kept gradients
         raw.keep_grads(settings.get("keep", True))
-    if os.environ.get("BENCH_NORM"):  # the norm backward's rows, warps, programs per SM (bench_norm.py's best)
-        from luca import kernels
-        kernels.NORM_ROWS, kernels.NORM_WARPS, kernels.NORM_PER_SM = map(int, os.environ["BENCH_NORM"].split(","))
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))

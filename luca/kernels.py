@@ -142,47 +142,7 @@ def _kernels():
         tl.store(o, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(out.dtype.element_ty), mask=mask)
         tl.store(o + F, (dy * g * sig).to(out.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def norm_bwd(s, s_m, dh, dh_m, dres, dr_m, w, dx, dx_m, da, da_m, part, M, D, eps,
-                 HAS_RES: tl.constexpr, HAS_A: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-        """RMSNorm's backward for BM rows at a time, strided over the programs: d x (plus the residual's
-        incoming gradient), the same in the branch's dtype, and this program's partial sum of d weight."""
-        cols = tl.arange(0, BD)
-        cmask = cols < D
-        wv = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc = tl.zeros([BD], tl.float32)
-        for start in range(tl.program_id(0) * BM, M, tl.num_programs(0) * BM):
-            rows = (start + tl.arange(0, BM)).to(tl.int64)
-            mask = (rows < M)[:, None] & cmask[None, :]
-            x = tl.load(s + rows[:, None] * s_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(dh + rows[:, None] * dh_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-            xhat = x * rstd[:, None]
-            # the forward multiplies the weight by x̂ rounded to the residual's dtype (Hugging Face's order)
-            acc += tl.sum(g * xhat.to(s.dtype.element_ty).to(tl.float32), axis=0)
-            gw = g * wv[None, :]
-            d = (gw - xhat * (tl.sum(gw * xhat, axis=1) / D)[:, None]) * rstd[:, None]
-            if HAS_RES:
-                d += tl.load(dres + rows[:, None] * dr_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx + rows[:, None] * dx_m + cols[None, :], d.to(dx.dtype.element_ty), mask=mask)
-            if HAS_A:
-                tl.store(da + rows[:, None] * da_m + cols[None, :], d.to(da.dtype.element_ty), mask=mask)
-        tl.store(part + tl.program_id(0) * D + cols, acc, mask=cmask)
-
-    @triton.jit
-    def col_sum(part, P, D, out, BP: tl.constexpr, BN: tl.constexpr):
-        """out = part.sum(0) for part (P, D): column blocks over the programs (ATen's column sum of
-        the same launched 6 blocks for D = 768 and took 16 µs on an H200)."""
-        cols = tl.program_id(0) * BN + tl.arange(0, BN)
-        acc = tl.zeros([BN], tl.float32)
-        for p0 in range(0, P, BP):
-            r = p0 + tl.arange(0, BP)
-            acc += tl.sum(tl.load(part + r[:, None] * D + cols[None, :],
-                                  mask=(r < P)[:, None] & (cols < D)[None, :], other=0.0), axis=0)
-        tl.store(out + cols, acc, mask=cols < D)
-
-    _KERNEL.update(ce=ce_rows, scale=scale_, rope_bwd=rope_bwd, swiglu_bwd=swiglu_bwd, norm_bwd=norm_bwd,
-                   col_sum=col_sum)
+    _KERNEL.update(ce=ce_rows, scale=scale_, rope_bwd=rope_bwd, swiglu_bwd=swiglu_bwd)
     return _KERNEL
 
 
@@ -340,6 +300,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                reduction == "mean", dtype, cached, acc)
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, with no op at all where it already is. Every autograd function of luca's that
+    the compiler traces casts through this: inside such a function's forward, torch 2.11's compiler
+    (the GPU machines') dropped the gradient of an output that a no-op `.to()` had aliased. RopeQKV's
+    q and k were such outputs in FP32 training and with a BF16 residual stream, so q_proj and k_proj
+    got no gradient at all (found on an H200 in session 8, reproduced on a CPU with torch 2.11;
+    tests/test_model.py::test_compiled_gpu_switches_give_eager_gradients fails there without this)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # -- the fused q/k/v projection's RoPE and SwiGLU: compiled forwards, backwards in one pass each ----
 @torch.library.custom_op("luca::rope_qkv_backward", mutates_args=())
 def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
@@ -411,90 +381,3 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         return swiglu_backward(ctx.saved_tensors[0], dh)
-
-
-# -- RMSNorm with the residual add before it: compiled forward, backward in one pass ----------------
-# Rows per iteration, warps, and programs per SM of the backward kernel (the partial sums of d weight
-# are one row per program).
-NORM_ROWS, NORM_WARPS, NORM_PER_SM = 4, 8, 4
-
-
-@torch.library.custom_op("luca::add_rms_norm_backward", mutates_args=())
-def add_rms_norm_backward(s: torch.Tensor, dh: torch.Tensor, dres: torch.Tensor | None, weight: torch.Tensor,
-                          eps: float, a_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (s, h) = (x + a, weight · rmsnorm(x + a)) for s (..., D), given d h and the
-    residual's own incoming gradient `dres` (None: s is used nowhere else): d x in s's dtype, d a
-    in `a_dtype` (0 elements when that is s's dtype: d a is d x then), and d weight (FP32, (D,)).
-    One read of s, d h and d res; d weight's per-row products are summed in the same pass, into
-    one partial row per program, then across programs."""
-    D = s.shape[-1]
-    s2, g2 = s.reshape(-1, D), dh.reshape(-1, D)
-    M = s2.shape[0]
-    dx = torch.empty(s.shape, device=s.device, dtype=s.dtype)
-    da = torch.empty(s.shape if a_dtype != s.dtype else (0,), device=s.device, dtype=a_dtype)
-    if not available(s.device):
-        x = s2.float()
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = x * rstd
-        gw = g2.float() * weight.float()
-        d = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
-        if dres is not None:
-            d = d + dres.reshape(-1, D).float()
-        dx.view(-1, D).copy_(d)
-        if da.numel():
-            da.view(-1, D).copy_(d)
-        return dx, da, (g2.float() * xhat.to(s.dtype).float()).sum(0)
-    r2 = dres.reshape(-1, D) if dres is not None else s2
-    s2, g2, r2 = (t if t.stride(1) == 1 else t.contiguous() for t in (s2, g2, r2))  # rows: unit column stride
-    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 1
-    P = max(1, min(_cdiv(M, NORM_ROWS), sms * NORM_PER_SM))
-    part = torch.empty(P, D, device=s.device, dtype=torch.float32)
-    dx2, da2 = dx.view(-1, D), (da.view(-1, D) if da.numel() else dx.view(-1, D))
-    k = _kernels()
-    k["norm_bwd"][(P,)](s2, s2.stride(0), g2, g2.stride(0), r2, r2.stride(0), weight, dx2, dx2.stride(0),
-                        da2, da2.stride(0), part, M, D, eps, HAS_RES=dres is not None, HAS_A=da.numel() > 0,
-                        BM=NORM_ROWS, BD=1 << (D - 1).bit_length(), num_warps=NORM_WARPS)
-    dw = torch.empty(D, device=s.device, dtype=torch.float32)
-    k["col_sum"][(_cdiv(D, 32),)](part, P, D, dw, BP=64, BN=32, num_warps=4)
-    return dx, da, dw
-
-
-@add_rms_norm_backward.register_fake
-def _(s, dh, dres, weight, eps, a_dtype):
-    return (torch.empty_like(s), s.new_empty(s.shape if a_dtype != s.dtype else (0,), dtype=a_dtype),
-            s.new_empty(s.shape[-1], dtype=torch.float32))
-
-
-def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype`, with no op at all where it already is: inside an autograd function's forward,
-    torch 2.11's compiler dropped the gradient of an output that a no-op `.float()` / `.to()` had
-    aliased (AddRMSNorm's s, the residual's gradient; RopeQKV's q and k in FP32 or with a BF16
-    residual, whose projections then got no gradient: found on an H200, reproduced on a CPU).
-    Every autograd function that the compiler traces casts through this."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-class AddRMSNorm(torch.autograd.Function):
-    """(s, h) = (x + a, (weight · rmsnorm(s)) in `out_dtype`): a pre-norm block's residual add and
-    the next RMSNorm, as Hugging Face computes them (x̂ in FP32, rounded to the residual's dtype,
-    times the weight); with `keep_sum` false (the final norm, whose s is used nowhere else) only h.
-    The forward is plain torch, which the compiler fuses; the backward is `add_rms_norm_backward`,
-    whose one pass also sums the weight's gradient (the compiler's kernel left that sum to an ATen
-    column reduction, 0.40 ms a micro-batch on an H200)."""
-
-    @staticmethod
-    def forward(ctx, x, a, weight, eps: float, out_dtype: torch.dtype, keep_sum: bool = True):
-        s = x + a
-        xf = cast(s, torch.float32)
-        xhat = cast(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), s.dtype)
-        ctx.save_for_backward(s, weight)
-        ctx.eps, ctx.a_dtype, ctx.keep_sum = eps, a.dtype, keep_sum
-        h = cast(weight * xhat, out_dtype)
-        return (s, h) if keep_sum else h
-
-    @staticmethod
-    def backward(ctx, *grads):
-        s, weight = ctx.saved_tensors
-        ds, dh = grads if ctx.keep_sum else (None, grads[0])
-        dx, da, dw = add_rms_norm_backward(s, dh, ds, weight, ctx.eps, ctx.a_dtype)
-        return dx, (da if da.numel() else dx), dw, None, None, None

@@ -369,14 +369,13 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
-        self.fused_norms = False  # each residual add with the RMSNorm after it (set_gpu_training)
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
         self.grad_token: torch.Tensor | None = None  # set while gradients are kept (keep_grads)
         self.init_rope()
         self.reset_parameters()
 
     def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
-                         wgrad32: bool = True, fuse_norms: bool = True) -> None:
+                         wgrad32: bool = True) -> None:
         """Fused gate/up and q/k/v GEMMs, optionally a BF16 residual stream under autocast (luca.train
         sets them on CUDA: benchmarks/bench_train.py). Same parameters and state dict either way.
         Projections replaced by other modules (LoRA adapters) are left unfused.
@@ -395,13 +394,8 @@ class Transformer(nn.Module):
         `fuse_qkv` (train.fuse_qkv) fuses q/k/v too, with RoPE's backward in luca's kernel, which
         writes the three gradients straight into the fused GEMM's (left to the compiler, that
         gather cost more than the larger GEMMs saved): 1.5% faster on an H200
-        (benchmarks/results/bench_train_h100.md, session 6).
-
-        `fuse_norms` (on; off under FSDP2, whose hooks sit on the blocks' forward): each residual
-        add and the RMSNorm after it as one autograd function (`kernels.AddRMSNorm`), whose backward
-        is luca's kernel, and the blocks' halves called in sequence (`hidden_states`)."""
+        (benchmarks/results/bench_train_h100.md, session 6)."""
         self.low_precision_residual = on and bf16_residual
-        self.fused_norms = on and fuse_norms
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -541,8 +535,6 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
             mask = (same_doc & _causal_mask(T, T, tokens.device))[:, None]  # (B, 1, T, T)
-        if self.fused_norms and cache is None and not (self.gradient_checkpointing and self.training):
-            return self._fused_norm_trunk(x, cos, sin, mask)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
@@ -551,28 +543,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)
-
-    def _fused_norm_trunk(self, x, cos, sin, mask):
-        """The blocks as `hidden_states` runs them, with every RMSNorm after a residual add fused with
-        that add (`kernels.AddRMSNorm`): block i's attention half reads h, its MLP half the norm
-        fused with attention's add, and the next norm (block i + 1's first, or the final one) fuses
-        the MLP's add. Same arithmetic as the blocks'; the normed outputs feeding GEMMs come out
-        in the autocast dtype the GEMMs would cast them to."""
-        dev = x.device.type
-        lp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        layers = self.model.layers
-        h = layers[0].input_layernorm(x)
-        for i, block in enumerate(layers):
-            a = block.self_attn(h, cos, sin, mask)
-            norm = block.post_attention_layernorm
-            x, h = kernels.AddRMSNorm.apply(x, a, norm.weight, norm.variance_epsilon, lp or x.dtype)
-            m = block.mlp(h)
-            if i + 1 == len(layers):  # the final norm: its output keeps RMSNorm's dtype; x is done
-                norm = self.model.norm
-                return kernels.AddRMSNorm.apply(x, m, norm.weight, norm.variance_epsilon,
-                                                torch.promote_types(x.dtype, norm.weight.dtype), False)
-            norm = layers[i + 1].input_layernorm
-            x, h = kernels.AddRMSNorm.apply(x, m, norm.weight, norm.variance_epsilon, lp or x.dtype)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,

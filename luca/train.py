@@ -331,7 +331,7 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         # one GEMM for gate and up, one for q, k and v (luca/model.py)
-        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual, fuse_norms=not cfg.fsdp)
+        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual)
         # BF16 accumulation on one process: work done once per step serves all its micro-batches
         one_accum = cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
         if cfg.cast_once and one_accum and hasattr(trunk, "cache_weights"):
