@@ -8,6 +8,8 @@ with luca's RoPE op, BF16 weights cached once per step, gradients kept and added
 loss) ten times per run. Session 7 ran this model, data and schedule for 3,000 steps both ways
 (~10 min per run on 2 cores, from the two ad-hoc scripts this one replaces;
 benchmarks/results/bench_train_h100.md): no gap, where the H200's 20M model showed a large one.
+That gap was torch 2.11's compiler dropping q's and k's gradients (session 8, `kernels.cast`); the
+CPU runs eagerly on torch 2.13, which has no such bug, so it could not show here.
 
 `python benchmarks/residual_cpu.py [--steps 3000] [--switches] [--seed 1]`
 """

@@ -382,11 +382,11 @@ class Transformer(nn.Module):
 
         `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
         off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
-        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22); over
+        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22), over
         14 seeds of a 20M model (benchmarks/check_gpu_train.py --runs bf16-residual) +0.10% ± 0.16%
-        (p = 0.54); but over 1,500 steps (~17 passes over its data) the same 20M model reached val
-        BPB 1.93 against 1.39 and train loss 0.45 against 0.03, on both of 2 seeds (H200, session 7;
-        not reproduced by a small CPU model, so the cause is open: benchmarks/results/bench_train_h100.md).
+        (p = 0.54), and over 1,500 steps (~21 passes over its data) of that model +1.9% on both of 2
+        seeds (H200, session 8; session 7's far worse result there was the compiler bug that
+        `kernels.cast` avoids: q_proj and k_proj got no gradient).
 
         `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
         weight per step.

@@ -82,7 +82,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     loss_impl: str = "auto"  # auto (fused on CUDA, chunked elsewhere) | fused | full | chunked
     activation_checkpointing: bool = False
-    bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; much worse BPB in a long run: README)
+    bf16_residual: bool = False  # CUDA: residual stream in BF16 (+3% tok/s; ~2% worse val BPB: README)
     fuse_qkv: bool = True  # CUDA: q, k, v as one GEMM, RoPE's backward in luca's kernel (luca/model.py)
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
