@@ -156,8 +156,9 @@ def test_gpu_training_switches_keep_the_gradients(flavour, checkpointing):
 @pytest.mark.parametrize("precision", ["fp32", "bf16-residual"])
 def test_compiled_gpu_switches_give_eager_gradients(precision):
     """Compiled, the GPU training path (fused GEMMs, RoPE and SwiGLU backward kernels) gives eager's
-    gradients to every parameter, in FP32 and with a BF16 residual stream under autocast. On torch 2.11 this failed before luca's autograd functions
-    stopped making no-op casts (kernels.cast): q_proj and k_proj got no gradient at all."""
+    gradients to every parameter, in FP32 and with a BF16 residual stream under autocast. On torch
+    2.11 this failed before luca's autograd functions stopped making no-op casts (kernels.cast):
+    q_proj and k_proj got no gradient at all."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, 300, (2, 37), generator=g), torch.randint(0, 300, (2, 37), generator=g)
     bf16 = precision == "bf16-residual"
