@@ -306,7 +306,9 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (the GPU machines') dropped the gradient of an output that a no-op `.to()` had aliased. RopeQKV's
     q and k were such outputs in FP32 training and with a BF16 residual stream, so q_proj and k_proj
     got no gradient at all (found on an H200 in session 8, reproduced on a CPU with torch 2.11;
-    tests/test_model.py::test_compiled_gpu_switches_give_eager_gradients fails there without this)."""
+    tests/test_model.py::test_compiled_gpu_switches_give_eager_gradients fails there without this).
+    Upstream: pytorch/pytorch#180642 (an alias of a returned tensor, the same TensorImpl, collected
+    as an extra output of the traced forward, routes that output's gradient to the wrong slot)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
