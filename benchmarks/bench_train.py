@@ -83,6 +83,8 @@ VARIANTS = {  # name: (what it is, worker settings)
                           {"inductor": {"triton.mix_order_reduction_split_size": 64}}),
     "luca-mix-split-128": ("luca with mix-order reductions split 128 rows per program",
                            {"inductor": {"triton.mix_order_reduction_split_size": 128}}),
+    "luca-mix-autotune": ("luca with inductor autotuning the mix-order reductions' split (norm weight-gradient partials)",
+                          {"inductor": {"triton.mix_order_reduction_autotune_split_size": True}}),
     "luca-autotune": ("luca compiled with mode=max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
     "luca-triton-gemm": ("luca with inductor's Triton GEMM templates (fused epilogues) autotuned against cuBLAS",
                          {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
