@@ -12,7 +12,9 @@ What is notable:
   rate, schedule and weight decay. On a GPU, matrices of one shape are orthogonalised together, as
   one batch of matrix products, and the element-wise parts run as multi-tensor (foreach) kernels:
   a step launches a few hundred kernels instead of ~50 per matrix (without a CUDA graph each launch
-  costs host time; benchmarks/bench_optim.py).
+  costs host time; benchmarks/bench_optim.py). On a GPU it also takes the clip and the skip as
+  device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
+  its learning rate as a tensor, so that its whole step can be replayed as a CUDA graph.
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
@@ -53,31 +55,53 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups with `muon=True`, AdamW for the others (module docstring). Groups carry
-    lr, weight_decay, betas (AdamW's), momentum (Muon's) and eps."""
+    lr, weight_decay, betas (AdamW's), momentum (Muon's) and eps.
+
+    `folds_clip` (default: on when the parameters are on a GPU): once luca.step has set
+    `grad_scale` (the gradients are divided by it: the clip) and `found_inf` (1: skip the step), both
+    device tensors, the step applies them on the device, reads `lr` as a number or a tensor, and
+    keeps AdamW's step counts on the device: nothing is read back, so a CUDA graph can hold the step.
+    A skipped step leaves weights, momenta and step counts as they were."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5):
+                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5, folds_clip: bool | None = None):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
-                                      muon=False, ns_steps=ns_steps))
+                                      muon=False, ns_steps=ns_steps, capturable=False))
+        if folds_clip is None:
+            folds_clip = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        self.folds_clip = folds_clip
+        self.grad_scale: torch.Tensor | None = None  # set by luca.step when the clip is folded in
+        self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
+        keep = None
+        if self.folds_clip and self.grad_scale is not None:
+            keep = 1 - self.found_inf  # 0 skips: every change below is multiplied by it
+        grads_all = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if keep is not None and grads_all:
+            torch._foreach_div_(grads_all, self.grad_scale)
+            for g in grads_all:  # a skipped step's gradients may hold inf/NaN; 0 · NaN would spread them
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                (self._muon if group["muon"] else self._adamw)(group, params)
+                (self._muon if group["muon"] else self._adamw)(group, params, keep)
 
-    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _muon(self, group: dict, params: list[torch.Tensor], keep: torch.Tensor | None) -> None:
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         grads = [p.grad for p in params]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - mom)
+        if keep is None:
+            torch._foreach_lerp_(bufs, grads, 1 - mom)
+        else:  # buf += (1 − mom)·keep·(g − buf)
+            torch._foreach_add_(bufs, torch._foreach_mul(torch._foreach_sub(grads, bufs), (1 - mom) * keep))
         nesterov = torch._foreach_lerp(grads, bufs, mom)
         if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(params, 1 - lr * wd * (1 if keep is None else keep))
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
@@ -86,9 +110,16 @@ class Muon(torch.optim.Optimizer):
                 updates = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["ns_steps"]).unbind(0)
             else:  # a CPU's batched BF16 products ran slower than one matrix at a time (benchmarks/bench_optim.py)
                 updates = [newton_schulz(nesterov[i], group["ns_steps"]) for i in idx]
-            torch._foreach_add_([params[i] for i in idx], updates, alpha=-lr * 0.2 * max(shape) ** 0.5)
+            scale = -lr * 0.2 * max(shape) ** 0.5
+            if keep is None and not isinstance(lr, torch.Tensor):
+                torch._foreach_add_([params[i] for i in idx], updates, alpha=scale)
+            else:
+                torch._foreach_add_([params[i] for i in idx],
+                                    torch._foreach_mul(list(updates), scale * (1 if keep is None else keep)))
 
-    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _adamw(self, group: dict, params: list[torch.Tensor], keep: torch.Tensor | None) -> None:
+        if keep is not None or isinstance(group["lr"], torch.Tensor):
+            return self._adamw_on_device(group, params, keep)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
         for p in params:
@@ -112,6 +143,40 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_([params[i] for i in idx], [ms[i] for i in idx], denom, value=-lr / (1 - b1 ** t))
+
+    def _adamw_on_device(self, group: dict, params: list[torch.Tensor], keep: torch.Tensor | None) -> None:
+        """The same AdamW with the step counts, bias corrections and step sizes as device tensors,
+        every change multiplied by `keep` (module and class docstrings)."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        keep = keep if keep is not None else torch.ones((), device=params[0].device)
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                             exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            elif state["step"].device != p.device:  # a checkpoint's CPU step count
+                state["step"] = state["step"].to(p.device)
+        grads = [p.grad for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        ms, vs = [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_add_(steps, keep)
+        torch._foreach_add_(ms, torch._foreach_mul(torch._foreach_sub(grads, ms), (1 - b1) * keep))
+        sq = torch._foreach_mul(grads, grads)
+        torch._foreach_sub_(sq, vs)
+        torch._foreach_mul_(sq, (1 - b2) * keep)
+        torch._foreach_add_(vs, sq)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd * keep)
+        # 1 − βᵗ, floored: a first step that is skipped has t = 0 (and m = 0, so its update is 0, not 0/0)
+        bc1 = [torch.clamp(1 - torch.pow(b1, t), min=1e-30) for t in steps]
+        bc2 = [torch.clamp(1 - torch.pow(b2, t), min=1e-30) for t in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, torch._foreach_sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        upd = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(upd, [-lr * keep / c for c in bc1])
+        torch._foreach_add_(params, upd)
 
 
 def muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8) -> Muon:

@@ -6,7 +6,8 @@ What is notable:
   `found_inf` input) and counted on the device by `BadSteps`, which is read at log and save steps.
 - With fused AdamW the clip is folded into the update: the kernel divides the gradients by its
   `grad_scale` input, set to max(1, ‖g‖ / clip) on the device, which saves a pass over the
-  gradients; elsewhere (CPU, FSDP2) it is `clip_grad_norm_`.
+  gradients; Muon on a GPU reads the same two tensors (luca/optim.py); elsewhere (CPU, FSDP2) it
+  is `clip_grad_norm_`.
 - `Stepper` runs steps as `luca train` does. On one CUDA device, after two ordinary steps (which
   compile the model and create the optimizer state), it captures the whole step in one CUDA graph
   and replays it: the same kernels on the same memory, launched with one call. At the GPT-2-small
@@ -98,7 +99,8 @@ class Stepper:
                  autocast, world: int, fsdp: bool, cuda_graph: bool, say: Callable[[str], None] = lambda m: None):
         self.model, self.raw, self.opt, self.grad_clip, self.autocast, self.world = \
             model, raw, opt, grad_clip, autocast, world
-        fused = all(g.get("fused") for g in opt.param_groups)
+        # fused AdamW, or Muon on a GPU: both read the clip and the skip from device tensors
+        fused = all(g.get("fused") for g in opt.param_groups) or getattr(opt, "folds_clip", False)
         self.fold_clip = fused and not (fsdp and world > 1)  # FSDP2's sharded norms need clip_grad_norm_
         device = next(raw.parameters()).device
         self.graph_wanted = cuda_graph and device.type == "cuda" and world == 1 and self.fold_clip
@@ -132,7 +134,7 @@ class Stepper:
     def _capture(self, micro_batches: list[torch.Tensor]) -> None:
         self.graph_wanted = False  # one try
         opt = self.opt
-        saved = [(g["lr"], g["capturable"]) for g in opt.param_groups]
+        saved = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
         stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
         try:
             dev = micro_batches[0].device

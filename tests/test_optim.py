@@ -132,3 +132,122 @@ def test_muon_with_fsdp_is_refused():
         TrainConfig(optimizer="muon", fsdp=True)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+@pytest.fixture
+def fp32_newton_schulz(monkeypatch):
+    """Muon's Newton–Schulz in FP32 instead of BF16, for comparing two ways of computing a step:
+    in BF16 a last-bit difference of its input (a clip that divides where the other multiplies)
+    flips roundings that five iterations spread to ~1e-3 of an update."""
+    import luca.optim
+
+    real = luca.optim.newton_schulz
+
+    def fp32(g, steps=5):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = g.float()
+        tall = x.shape[-2] > x.shape[-1]
+        x = x.mT if tall else x
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(steps):
+            s = x @ x.mT
+            x = a * x + (b * s + c * (s @ s)) @ x
+        return (x.mT if tall else x).to(g.dtype)
+
+    assert real(torch.eye(4)).dtype == fp32(torch.eye(4)).dtype
+    monkeypatch.setattr(luca.optim, "newton_schulz", fp32)
+
+
+def _pair(folds: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(24, 40), (24, 40), (40, 24)]]
+    vecs = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(40,), (7, 24)]]
+    opt = Muon([{"params": mats, "weight_decay": 0.1, "muon": True}, {"params": vecs, "weight_decay": 0.05}],
+               lr=1e-2, folds_clip=folds)
+    return mats + vecs, opt
+
+
+def _state(opt) -> list[torch.Tensor]:
+    return [v.clone() for s in opt.state.values() for v in s.values()]
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_muon_folded_clip_equals_the_plain_step(lr_tensor, fp32_newton_schulz):
+    """With the clip and the skip folded in (luca.step's grad_scale / found_inf, as on a GPU) and the
+    learning rate a tensor (as in a CUDA graph), Muon and its AdamW half step as the plain optimizer
+    does on gradients divided by the scale."""
+    plain, ref = _pair(False)
+    folded, opt = _pair(True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        scale = 1.0 + i  # 1 = no clip, then clipping
+        for a, b in zip(plain, folded):
+            gr = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = gr / scale, gr.clone()
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        if lr_tensor:
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(1e-2)
+        ref.step()
+        opt.step()
+    for a, b in zip(plain, folded):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(_state(ref), _state(opt)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_muon_folded_skip_changes_nothing(first, fp32_newton_schulz):
+    """found_inf = 1 (a non-finite loss or gradient) leaves weights, momenta, AdamW's moments and
+    step counts exactly as they were, also when the gradients hold NaN and inf and when it is the
+    very first step (step count 0: no 0/0); the next good step is then the plain optimizer's."""
+    ps, opt = _pair(True)
+    plain, ref = _pair(False)
+    g = torch.Generator().manual_seed(2)
+
+    def good_step():
+        for a, b in zip(plain, ps):
+            gr = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = gr.clone(), gr.clone()
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+        ref.step()
+        opt.step()
+
+    if not first:
+        good_step()
+    before, state = [p.detach().clone() for p in ps], _state(opt)
+    for p in ps:
+        p.grad = torch.full_like(p, float("nan"))
+        p.grad.view(-1)[0] = float("inf")
+    opt.grad_scale, opt.found_inf = torch.tensor(float("nan")), torch.tensor(1.0)
+    opt.step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+    for a, b in zip(state, _state(opt)):
+        assert torch.equal(a, b)
+    good_step()
+    for a, b in zip(plain, ps):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_trains_through_the_folded_step(fp32_newton_schulz):
+    """luca.step's folded path (the one a CUDA graph replays) with Muon moves the weights as the
+    clip_grad_norm_ path does on a tiny model, with a clip that bites."""
+    from luca.step import train_step
+    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    x = torch.randint(0, 64, (3, 2, 17), generator=torch.Generator().manual_seed(3))
+    weights = {}
+    for fold in (False, True):
+        torch.manual_seed(0)
+        m = Transformer(cfg)
+        start = [p.detach().clone() for p in m.parameters()]
+        opt = muon(m, 1e-2, 0.1, (0.9, 0.95))
+        opt.folds_clip = fold
+        for batch in x:
+            loss, gnorm, ok = train_step(m, m, opt, [batch], 0.05, torch.autocast("cpu", enabled=False),
+                                         fold_clip=fold)
+            assert bool(ok) and float(gnorm) > 0.05
+        assert (opt.grad_scale is not None) == fold
+        weights[fold] = [p.detach() - s for p, s in zip(m.parameters(), start)]
+    for a, b in zip(weights[False], weights[True]):
+        assert ((b - a).norm() / a.norm()).item() < 1e-4
