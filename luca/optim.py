@@ -37,12 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """An approximation of U·Vᵀ for g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]) by
-    the quintic iteration of Muon, in BF16; g is a matrix or a batch of them (..., rows, cols), the
-    result has g's shape and dtype."""
+    the quintic iteration of Muon, computed in `dtype` (BF16: Muon's); g is a matrix or a batch of
+    them (..., rows, cols), the result has g's shape and dtype."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: X·Xᵀ is then the smaller product
         x = x.mT
@@ -78,10 +78,11 @@ class Muon(torch.optim.Optimizer):
         keep = None
         if self.folds_clip and self.grad_scale is not None:
             keep = 1 - self.found_inf  # 0 skips: every change below is multiplied by it
-        grads_all = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if keep is not None and grads_all:
-            torch._foreach_div_(grads_all, self.grad_scale)
-            for g in grads_all:  # a skipped step's gradients may hold inf/NaN; 0 · NaN would spread them
+        if keep is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, self.grad_scale)
+            for g in grads:  # a skipped step's gradients may hold inf/NaN; 0 · NaN would spread them
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
