@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--kernels-only", action="store_true", help="only the kernels-against-autograd check")
+    p.add_argument("--say", action="store_true", help="print the training runs' messages (graph capture, ...)")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
     a = p.parse_args()
     import torch
@@ -94,11 +95,11 @@ def main() -> None:
         cfg = build(TrainConfig, {**tc, **over}, "train")
         t = time.perf_counter()
         if until_half:
-            train(out, mc, cfg, data_dir, tok, progress=False, until=a.steps // 2)
+            train(out, mc, cfg, data_dir, tok, progress=a.say, until=a.steps // 2)
             torch._dynamo.reset()
-            s = train(out, mc, cfg, data_dir, tok, resume=True, progress=False)
+            s = train(out, mc, cfg, data_dir, tok, resume=True, progress=a.say)
         else:
-            s = train(out, mc, cfg, data_dir, tok, progress=False)
+            s = train(out, mc, cfg, data_dir, tok, progress=a.say)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         late = [r["tokens_per_s"] for r in recs if r["step"] > a.steps // 3 and "val_bpb" not in r]
         curves[name] = [round(r["loss"], 3) for r in recs if "loss" in r]
@@ -124,8 +125,10 @@ def main() -> None:
             run("train-unfused-qkv", fuse_qkv=False, seed=seed)
         if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)
             run("train-autograd-accum", accum_in_gemm=False, seed=seed)
-        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph
+        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer)
             run("train-muon", optimizer="muon", seed=seed)
+        if "muon-no-graph" in runs:
+            run("train-muon-no-graph", optimizer="muon", cuda_graph=False, seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
