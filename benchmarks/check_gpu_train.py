@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--kernels-only", action="store_true", help="only the kernels-against-autograd check")
     p.add_argument("--say", action="store_true", help="print the training runs' messages (graph capture, ...)")
+    p.add_argument("--muon-capture", action="store_true",
+                   help="only Muon's folded step: its time against the plain one, and its CUDA-graph capture")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the plumbing on a CPU)")
     a = p.parse_args()
     import torch
@@ -53,6 +55,8 @@ def main() -> None:
     from luca.tokenizer import TokenizerConfig, build_tokenizer
     from luca.train import TrainConfig, train
 
+    if a.muon_capture:
+        return muon_capture(torch)
     kernels_vs_autograd = kernel_check(torch)
     print("luca's GPU kernels against autograd (FP32, TF32 off): " + json.dumps(kernels_vs_autograd), flush=True)
     if a.kernels_only:
@@ -213,6 +217,53 @@ def kernel_check(torch) -> dict:
     return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel(grads[True][1], grads[False][1]),
             "compiled_max_rel_grad_diff": rel(grads["compiled"][1], grads[False][1]),
             "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False])}
+
+
+def muon_capture(torch) -> None:
+    """Muon with the clip folded in (`Muon.folds_clip`, off by default since session 9): whole
+    training steps of the 20M model (eager) with and without the fold, then luca.step's capture of
+    the folded step alone and inside train_step, printing the first failing call's traceback (on an
+    H200 the capture failed and the folded step was slower; the cause is not known yet)."""
+    import traceback
+
+    from luca.distributed import Dist
+    from luca.model import ModelConfig
+    from luca.step import _fold_clip, train_step, zero_grad
+    from luca.train import TrainConfig, build
+    dev = torch.device("cuda")
+    cfg = TrainConfig(seq_len=512, micro_batch=16, batch_tokens=32768, optimizer="muon", compile=False)
+    mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
+    raw, model, opt = build(mc, cfg, dev, Dist())
+    ac = torch.autocast("cuda", dtype=torch.bfloat16)
+    batches = [torch.randint(0, 4096, (16, 513), device=dev) for _ in range(4)]
+    for fold in (True, False, True, False):  # the first round also warms up
+        opt.folds_clip = fold
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            train_step(model, raw, opt, batches, 1.0, ac, 1, fold)
+        torch.cuda.synchronize()
+        print(f"train_step, folds_clip={fold}: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms", flush=True)
+    opt.folds_clip = True
+    lr = torch.tensor(1e-3, device=dev)
+    for g in opt.param_groups:
+        g["lr"], g["capturable"] = lr, True
+    loss = torch.zeros((), device=dev)
+    for what in ("optimizer step", "train_step"):
+        zero_grad(raw, opt)
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+                if what == "train_step":
+                    train_step(model, raw, opt, batches, 1.0, ac, 1, True)
+                else:
+                    _fold_clip(raw, opt, loss, 1.0, 1)
+                    opt.step()
+            print(f"capture of the {what}: OK", flush=True)
+        except Exception:  # noqa: BLE001 - the point is the traceback
+            print(f"capture of the {what} failed:", flush=True)
+            traceback.print_exc(limit=15)
+            return
 
 
 def paired(rows: dict, seeds: list[int]) -> None:

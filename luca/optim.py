@@ -12,9 +12,11 @@ What is notable:
   rate, schedule and weight decay. On a GPU, matrices of one shape are orthogonalised together, as
   one batch of matrix products, and the element-wise parts run as multi-tensor (foreach) kernels:
   a step launches a few hundred kernels instead of ~50 per matrix (without a CUDA graph each launch
-  costs host time; benchmarks/bench_optim.py). On a GPU it also takes the clip and the skip as
+  costs host time; benchmarks/bench_optim.py). With `folds_clip` it takes the clip and the skip as
   device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
-  its learning rate as a tensor, so that its whole step can be replayed as a CUDA graph.
+  its learning rate as a tensor, so that its whole step could be replayed as a CUDA graph. Off by
+  default: on an H200 (session 9) luca.step's capture of that step failed, and the folded step
+  without a graph trained at 356–366k tokens/s against the plain step's 470k.
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
@@ -57,18 +59,16 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with `muon=True`, AdamW for the others (module docstring). Groups carry
     lr, weight_decay, betas (AdamW's), momentum (Muon's) and eps.
 
-    `folds_clip` (default: on when the parameters are on a GPU): once luca.step has set
-    `grad_scale` (the gradients are divided by it: the clip) and `found_inf` (1: skip the step), both
-    device tensors, the step applies them on the device, reads `lr` as a number or a tensor, and
-    keeps AdamW's step counts on the device: nothing is read back, so a CUDA graph can hold the step.
-    A skipped step leaves weights, momenta and step counts as they were."""
+    `folds_clip` (off by default: module docstring): once luca.step has set `grad_scale` (the
+    gradients are divided by it: the clip) and `found_inf` (1: skip the step), both device tensors,
+    the step applies them on the device, reads `lr` as a number or a tensor, and keeps AdamW's step
+    counts on the device: nothing is read back, so a CUDA graph could hold the step. A skipped step
+    leaves weights, momenta and step counts as they were."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5, folds_clip: bool | None = None):
+                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5, folds_clip: bool = False):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
                                       muon=False, ns_steps=ns_steps, capturable=False))
-        if folds_clip is None:
-            folds_clip = any(p.is_cuda for g in self.param_groups for p in g["params"])
         self.folds_clip = folds_clip
         self.grad_scale: torch.Tensor | None = None  # set by luca.step when the clip is folded in
         self.found_inf: torch.Tensor | None = None

@@ -162,7 +162,7 @@ def _state(opt) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("lr_tensor", [False, True])
 def test_muon_folded_clip_equals_the_plain_step(lr_tensor, fp32_newton_schulz):
-    """With the clip and the skip folded in (luca.step's grad_scale / found_inf, as on a GPU) and the
+    """With the clip and the skip folded in (luca.step's grad_scale / found_inf, `folds_clip`) and the
     learning rate a tensor (as in a CUDA graph), Muon and its AdamW half step as the plain optimizer
     does on gradients divided by the scale."""
     plain, ref = _pair(False)
