@@ -9,9 +9,11 @@ other tiles (`--flash4-tiles`: query rows × key rows, ":ss" for P·V from share
 backward does not depend on them. Each timing is the median over `--reps`
 rounds of `--iters` calls, after warm-up (the first FlashAttention-4 call compiles its kernels), in
 GPU kernel time from the profiler; forwards are training forwards (they keep the log-sum-exp),
-backwards are timed as forward + backward minus forward. TFLOP/s count the causal half: 2·B·H·T²·D forward, 2.5× that backward. Errors are the
-largest differences of the output and the three gradients from an FP32 reference, over the
-reference's largest entry.
+backwards are timed as forward + backward minus forward (so a backward here also holds autograd's
+gathering of the three gradients into the q/k/v tensor, which differs between the kernels; a
+training step's profile, bench_train.py --profiled, is the figure to trust). TFLOP/s count the
+causal half: 2·B·H·T²·D forward, 2.5× that backward. Errors are the largest differences of the
+output and the three gradients from an FP32 reference, over the reference's largest entry.
 
 `python benchmarks/bench_attention.py [--out DIR]` prints a table last and writes bench_attention.json.
 """
@@ -30,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
 
 
 def flash4():
@@ -89,6 +90,8 @@ def main() -> None:
                     help="FlashAttention-4 forward tiles to try (comma list; default = the package's)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py measures GPU kernels: no CUDA device here")
     B, T, H, D = a.batch, a.seq, a.heads, a.head_dim
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -156,18 +159,20 @@ def main() -> None:
         (Path(a.out) / "bench_attention.json").write_text(json.dumps(result, indent=2))
     base = next((r for r in rows if r["impl"] == "sdpa-cudnn" and "fwd_bwd_ms" in r), None)
     print(f"\n{result['device']}, B={B} T={T} H={H} D={D}, causal, BF16; per layer (×12 for nano-n2)")
-    print(f"{'impl':<20} {'fwd ms':>8} {'bwd ms':>8} {'fwd TF/s':>9} {'bwd TF/s':>9} {'vs cuDNN':>9} {'max rel err':>12}")
+    print(f"{'impl':<22} {'fwd ms':>8} {'bwd ms':>8} {'fwd TF/s':>9} {'bwd TF/s':>9} {'vs cuDNN':>9} "
+          f"{'max rel err':>12}")
     for r in rows:
-        if "fwd_ms" not in r:
-            print(f"{r['impl']:<20} failed: {r['error']}")
+        if "error" in r:
+            print(f"{r['impl']:<22} failed: {r['error']}")
             continue
         err = f"{max(r['max_rel_err'].values()):12.2e}"
         if "bwd_ms" not in r:
-            print(f"{r['impl']:<20} {r['fwd_ms']:8.3f} {'-':>8} {r['fwd_tflops']:9.0f} {'-':>9} {'-':>9} {err}")
+            print(f"{r['impl']:<22} {r['fwd_ms']:8.3f} {'-':>8} {r['fwd_tflops']:9.0f} {'-':>9} {'-':>9} {err}")
             continue
         ratio = base["fwd_bwd_ms"] / r["fwd_bwd_ms"] if base else float("nan")
-        print(f"{r['impl']:<20} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} {r['fwd_tflops']:9.0f} {r['bwd_tflops']:9.0f} "
+        print(f"{r['impl']:<22} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} {r['fwd_tflops']:9.0f} {r['bwd_tflops']:9.0f} "
               f"{ratio:8.2f}× {err}")
+
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,7 @@ def main() -> None:
     from luca.train import TrainConfig, train
 
     if a.muon_capture:
-        return muon_capture(torch)
+        return muon_capture(torch, a.smoke)
     kernels_vs_autograd = kernel_check(torch)
     print("luca's GPU kernels against autograd (FP32, TF32 off): " + json.dumps(kernels_vs_autograd), flush=True)
     if a.kernels_only:
@@ -129,10 +129,8 @@ def main() -> None:
             run("train-unfused-qkv", fuse_qkv=False, seed=seed)
         if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)
             run("train-autograd-accum", accum_in_gemm=False, seed=seed)
-        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer)
+        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph
             run("train-muon", optimizer="muon", seed=seed)
-        if "muon-no-graph" in runs:
-            run("train-muon-no-graph", optimizer="muon", cuda_graph=False, seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
@@ -219,32 +217,45 @@ def kernel_check(torch) -> dict:
             "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False])}
 
 
-def muon_capture(torch) -> None:
+def muon_capture(torch, smoke: bool = False) -> None:
     """Muon with the clip folded in (`Muon.folds_clip`, off by default since session 9): whole
-    training steps of the 20M model (eager) with and without the fold, then luca.step's capture of
-    the folded step alone and inside train_step, printing the first failing call's traceback (on an
-    H200 the capture failed and the folded step was slower; the cause is not known yet)."""
+    training steps of the 20M model with and without the fold (each with its own model and
+    optimizer, as training has), then luca.step's capture of the folded step alone and inside
+    train_step, printing the first failing call's traceback. On an H200 the capture failed and the
+    folded step was slower; the cause is not known yet. On CUDA the model is compiled, as in
+    training; `--smoke` runs it on the CPU, with 2 layers and micro-batches of 2, without the capture."""
     import traceback
 
     from luca.distributed import Dist
     from luca.model import ModelConfig
     from luca.step import _fold_clip, train_step, zero_grad
     from luca.train import TrainConfig, build
-    dev = torch.device("cuda")
-    cfg = TrainConfig(seq_len=512, micro_batch=16, batch_tokens=32768, optimizer="muon", compile=False)
-    mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
-    raw, model, opt = build(mc, cfg, dev, Dist())
-    ac = torch.autocast("cuda", dtype=torch.bfloat16)
-    batches = [torch.randint(0, 4096, (16, 513), device=dev) for _ in range(4)]
-    for fold in (True, False, True, False):  # the first round also warms up
+    cuda = torch.cuda.is_available() and not smoke
+    dev = torch.device("cuda" if cuda else "cpu")
+    rows, layers = (16, 8) if cuda else (2, 2)
+    mc = ModelConfig(vocab_size=4096, n_layers=layers, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
+    cfg = TrainConfig(seq_len=512, micro_batch=rows, batch_tokens=4 * rows * 512, optimizer="muon", compile=cuda)
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16)
+    batches = [torch.randint(0, 4096, (rows, 513), device=dev) for _ in range(4)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    setups = {}
+    for fold in (False, True):
+        raw, model, opt = build(mc, cfg, dev, Dist())
         opt.folds_clip = fold
-        torch.cuda.synchronize()
+        for _ in range(3):  # compile, optimizer state
+            train_step(model, raw, opt, batches, 1.0, ac, 1, fold)
+        setups[fold] = (raw, model, opt)
+    for fold in (False, True, False, True):
+        raw, model, opt = setups[fold]
+        sync()
         t = time.perf_counter()
         for _ in range(5):
             train_step(model, raw, opt, batches, 1.0, ac, 1, fold)
-        torch.cuda.synchronize()
-        print(f"train_step, folds_clip={fold}: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms", flush=True)
-    opt.folds_clip = True
+        sync()
+        print(f"train_step, folds_clip={fold}: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms a step", flush=True)
+    if not cuda:
+        return
+    raw, model, opt = setups[True]
     lr = torch.tensor(1e-3, device=dev)
     for g in opt.param_groups:
         g["lr"], g["capturable"] = lr, True

@@ -16,7 +16,7 @@ What is notable:
   device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
   its learning rate as a tensor, so that its whole step could be replayed as a CUDA graph. Off by
   default: on an H200 (session 9) luca.step's capture of that step failed, and the folded step
-  without a graph trained at 356–366k tokens/s against the plain step's 470k.
+  without a graph trained at 327–366k tokens/s (3 runs) against the plain step's 470k.
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
