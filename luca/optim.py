@@ -16,7 +16,10 @@ What is notable:
   device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
   its learning rate as a tensor, so that its whole step could be replayed as a CUDA graph. Off by
   default: on an H200 (session 9) luca.step's capture of that step failed, and the folded step
-  without a graph trained at 327–366k tokens/s (3 runs) against the plain step's 470k.
+  without a graph trained at 327–366k tokens/s (3 runs) against the plain step's 470k. The
+  capture's failure had a cause found afterwards on a CPU with fake CUDA tensors, a host sync in
+  the AdamW half's step count (fixed; tests/test_optim.py guards it), but the fix has not run on a
+  GPU yet: `benchmarks/check_gpu_train.py --muon-capture` decides whether to turn it on.
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
@@ -161,7 +164,9 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         steps = [self.state[p]["step"] for p in params]
         ms, vs = [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_add_(steps, keep)
+        # a list of the 0-dim tensor, not the tensor itself: that overload reads it back with .item()
+        # (a host sync, which also breaks CUDA-graph capture: session 9's failed capture)
+        torch._foreach_add_(steps, [keep] * len(steps))
         torch._foreach_add_(ms, torch._foreach_mul(torch._foreach_sub(grads, ms), (1 - b1) * keep))
         sq = torch._foreach_mul(grads, grads)
         torch._foreach_sub_(sq, vs)

@@ -219,6 +219,43 @@ def test_muon_folded_skip_changes_nothing(first, fp32_newton_schulz):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_muon_folded_step_reads_nothing_back_from_a_gpu(lr_tensor):
+    """The folded step on (fake) CUDA tensors makes no host sync: no op reads a device scalar back
+    (aten._local_scalar_dense, what .item() / float() do). Such a read stalls the GPU every step and
+    is illegal inside a CUDA graph's capture. In session 9 `_foreach_add_(steps, keep)` did one (that
+    overload calls .item() on its 0-dim tensor), which is why luca.step's capture of Muon failed
+    on an H200. Fake tensors let a CPU check this."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+                return 1.0
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        dev = torch.device("cuda")
+        mats = [torch.nn.Parameter(torch.randn(16, 24, device=dev)) for _ in range(3)]
+        vecs = [torch.nn.Parameter(torch.randn(24, device=dev)) for _ in range(2)]
+        for p in mats + vecs:
+            p.grad = torch.randn_like(p)
+        opt = Muon([{"params": mats, "weight_decay": 0.1, "muon": True}, {"params": vecs, "weight_decay": 0.0}],
+                   lr=1e-3, folds_clip=True)
+        opt.grad_scale, opt.found_inf = torch.ones((), device=dev), torch.zeros((), device=dev)
+        if lr_tensor:
+            for g in opt.param_groups:
+                g["lr"] = torch.tensor(1e-3, device=dev)
+        with Reads():
+            opt.step()  # the first step creates the state
+            opt.step()
+    assert not reads
+
+
 def test_muon_trains_through_the_folded_step(fp32_newton_schulz):
     """luca.step's folded path (the one a CUDA graph replays) with Muon moves the weights as the
     clip_grad_norm_ path does on a tiny model, with a clip that bites."""
