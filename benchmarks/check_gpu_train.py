@@ -221,9 +221,10 @@ def muon_capture(torch, smoke: bool = False) -> None:
     """Muon with the clip folded in (`Muon.folds_clip`, off by default since session 9): whole
     training steps of the 20M model with and without the fold (each with its own model and
     optimizer, as training has), then luca.step's capture of the folded step alone and inside
-    train_step, printing the first failing call's traceback. On an H200 the capture failed and the
-    folded step was slower; the cause is not known yet. On CUDA the model is compiled, as in
-    training; `--smoke` runs it on the CPU, with 2 layers and micro-batches of 2, without the capture."""
+    train_step, printing the first failing call's traceback. On an H200 (session 9) the capture
+    failed and the folded step was slower; the host sync behind the failure was fixed afterwards
+    without a GPU, which this checks. On CUDA the model is compiled, as in training; `--smoke` runs
+    it on the CPU, with 2 layers and micro-batches of 2, without the capture."""
     import traceback
 
     from luca.distributed import Dist
