@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
                    help="training runs beside the default one (with the graph), per seed where it applies; "
-                        "also bf16-residual, unfused-qkv, autograd-accum and muon (per seed)")
+                        "also bf16-residual, unfused-qkv, autograd-accum, muon and muon-folded (per seed)")
     p.add_argument("--micro-batch", type=int, default=32,
                    help="sequences per micro-batch; below 32 the 32-sequence step accumulates micro-batches")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
@@ -131,6 +131,14 @@ def main() -> None:
             run("train-autograd-accum", accum_in_gemm=False, seed=seed)
         if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph
             run("train-muon", optimizer="muon", seed=seed)
+        if "muon-folded" in runs:  # Muon with folds_clip (off by default), so the step can be a CUDA graph
+            import luca.optim
+            defaults = luca.optim.Muon.__init__.__defaults__
+            luca.optim.Muon.__init__.__defaults__ = defaults[:-1] + (True,)  # folds_clip is the last
+            try:
+                run("train-muon-folded", optimizer="muon", seed=seed)
+            finally:
+                luca.optim.Muon.__init__.__defaults__ = defaults
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:

@@ -14,12 +14,13 @@ What is notable:
   a step launches a few hundred kernels instead of ~50 per matrix (without a CUDA graph each launch
   costs host time; benchmarks/bench_optim.py). With `folds_clip` it takes the clip and the skip as
   device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
-  its learning rate as a tensor, so that its whole step could be replayed as a CUDA graph. Off by
-  default: on an H200 (session 9) luca.step's capture of that step failed, and the folded step
-  without a graph trained at 327–366k tokens/s (3 runs) against the plain step's 470k. The
-  capture's failure had a cause found afterwards on a CPU with fake CUDA tensors, a host sync in
-  the AdamW half's step count (fixed; tests/test_optim.py guards it), but the fix has not run on a
-  GPU yet: `benchmarks/check_gpu_train.py --muon-capture` decides whether to turn it on.
+  its learning rate as a tensor, so that luca.step replays its whole step as a CUDA graph (on by
+  default). On an H100 a 20M model then trains at 1.29M tokens/s against 359k without the graph,
+  with the same loss curve (benchmarks/results/check_gpu_train_h100_s10_muon_folded.json). Nothing
+  in the step may read a device value back (a host sync is illegal in a capture):
+  `_foreach_add_(tensors, scalar_tensor)` does, through `.item()`, which is why the step counts
+  are added as a list (tests/test_optim.py runs the step on fake CUDA tensors and fails on any
+  read-back).
 - Schedules: linear warmup then cosine to `min_lr_ratio · lr`, or warmup-stable-decay (WSD:
   flat, then a linear cool-down over the last `decay_fraction` of the steps).
 """
@@ -62,14 +63,14 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with `muon=True`, AdamW for the others (module docstring). Groups carry
     lr, weight_decay, betas (AdamW's), momentum (Muon's) and eps.
 
-    `folds_clip` (off by default: module docstring): once luca.step has set `grad_scale` (the
+    `folds_clip` (on by default: module docstring): once luca.step has set `grad_scale` (the
     gradients are divided by it: the clip) and `found_inf` (1: skip the step), both device tensors,
     the step applies them on the device, reads `lr` as a number or a tensor, and keeps AdamW's step
-    counts on the device: nothing is read back, so a CUDA graph could hold the step. A skipped step
+    counts on the device: nothing is read back, so a CUDA graph can hold the step. A skipped step
     leaves weights, momenta and step counts as they were."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5, folds_clip: bool = False):
+                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5, folds_clip: bool = True):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
                                       muon=False, ns_steps=ns_steps, capturable=False))
         self.folds_clip = folds_clip

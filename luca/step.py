@@ -6,8 +6,8 @@ What is notable:
   `found_inf` input) and counted on the device by `BadSteps`, which is read at log and save steps.
 - With fused AdamW the clip is folded into the update: the kernel divides the gradients by its
   `grad_scale` input, set to max(1, ‖g‖ / clip) on the device, which saves a pass over the
-  gradients; Muon reads the same two tensors when its `folds_clip` is set (off by default: its
-  capture failed on an H200, luca/optim.py); elsewhere (CPU, FSDP2, Muon) it is `clip_grad_norm_`.
+  gradients; Muon reads the same two tensors (`folds_clip`, on by default); elsewhere (CPU AdamW,
+  FSDP2 across ranks, Muon with `folds_clip` off) it is `clip_grad_norm_`.
 - `Stepper` runs steps as `luca train` does. On one CUDA device, after two ordinary steps (which
   compile the model and create the optimizer state), it captures the whole step in one CUDA graph
   and replays it: the same kernels on the same memory, launched with one call. At the GPT-2-small
@@ -99,7 +99,7 @@ class Stepper:
                  autocast, world: int, fsdp: bool, cuda_graph: bool, say: Callable[[str], None] = lambda m: None):
         self.model, self.raw, self.opt, self.grad_clip, self.autocast, self.world = \
             model, raw, opt, grad_clip, autocast, world
-        # fused AdamW, or Muon with folds_clip: both read the clip and the skip from device tensors
+        # fused AdamW, or Muon (folds_clip): both read the clip and the skip from device tensors
         fused = all(g.get("fused") for g in opt.param_groups) or getattr(opt, "folds_clip", False)
         self.fold_clip = fused and not (fsdp and world > 1)  # FSDP2's sharded norms need clip_grad_norm_
         device = next(raw.parameters()).device
