@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--seeds", default="3", help="comma list: each training run once per seed")
     p.add_argument("--runs", default="no-graph,again,resumed,full-ce,cast-each",
                    help="training runs beside the default one (with the graph), per seed where it applies; "
-                        "also bf16-residual, unfused-qkv, autograd-accum, muon and muon-folded (per seed)")
+                        "also bf16-residual, unfused-qkv, autograd-accum, unfolded-norms, muon and muon-folded (per seed)")
     p.add_argument("--micro-batch", type=int, default=32,
                    help="sequences per micro-batch; below 32 the 32-sequence step accumulates micro-batches")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the training runs")
@@ -127,6 +127,8 @@ def main() -> None:
             run("train-bf16-residual", bf16_residual=True, seed=seed)
         if "unfused-qkv" in runs:  # q, k, v as three GEMMs, RoPE's backward compiled (train.fuse_qkv)
             run("train-unfused-qkv", fuse_qkv=False, seed=seed)
+        if "unfolded-norms" in runs:  # the norms apply their own weights (train.fold_norms = false)
+            run("train-unfolded-norms", fold_norms=False, seed=seed)
         if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)
             run("train-autograd-accum", accum_in_gemm=False, seed=seed)
         if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph

@@ -18,7 +18,8 @@ What is notable:
 - A preallocated KV cache for generation. The loss is luca/loss.py's, by `loss_impl`: "chunked"
   (the default: the full float32 logits never materialised), "full", or "fused" (luca's Triton
   kernel, luca train's default on CUDA).
-- GPU training switches (`Transformer.set_gpu_training`, set by luca.train on CUDA): gate/up and
+- GPU training switches (`Transformer.set_gpu_training` and its kin, in luca/gpu_training.py, set
+  by luca.train on CUDA): gate/up and
   q/k/v run as one GEMM each, their weights concatenated in the forward pass (the parameters and
   the checkpoint keep Hugging Face's separate names), with RoPE's and SwiGLU's backward passes in
   luca's kernels (luca/kernels.py); optionally the residual
@@ -26,8 +27,12 @@ What is notable:
   With gradient accumulation, `cache_weights` casts the weights to BF16 once per optimizer step for
   all its micro-batches (read only with gradients enabled, so a stale copy is never used), and
   `keep_grads` lets the weight-gradient GEMMs add into kept FP32 gradients instead of autograd
-  adding each micro-batch's (1.8% of a micro-batch on an H200).
-- This module imports torch and, of luca, only luca.kernels and luca.loss (torch only; Triton on use).
+  adding each micro-batch's (1.8% of a micro-batch on an H200). With both, `fold_norms` moves each
+  block norm's weight into the cached weights of the fused GEMM after it, so no micro-batch sums
+  the norms' weight gradients over its tokens; `unfold_norm_grads` recovers them once per step
+  (1.3% on an H100).
+- This module imports torch and, of luca, only luca.kernels, luca.gpu_training and luca.loss (torch
+  only; Triton on use).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from luca import kernels
+from luca.gpu_training import GpuTraining
 from luca.loss import head_loss
 
 
@@ -104,11 +110,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: bool = True) -> torch.Tensor:
+        """`scale=False`: without the weight, which the next GEMM's weights then carry (`fold_norms`)."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return self.weight * x.to(dtype) if scale else x.to(dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -181,6 +188,13 @@ class _EmbedInto(torch.autograd.Function):
         return None, None, None, kernels.embedding_into(ctx.acc, ctx.saved_tensors[0], g)
 
 
+def _lp_usable(lp: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a training forward on x reads the cached low-precision weight `lp` (`cache_weights`)."""
+    dev = x.device.type
+    return (lp is not None and torch.is_grad_enabled() and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == lp.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool, bias: torch.Tensor | None = None,
            cached: torch.Tensor | None = None, acc: torch.Tensor | None = None,
            token: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,7 +204,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, wgrad32: bool, bias: torch.Ten
     to, and the model's `grad_token` (`keep_grads`)."""
     if wgrad32 and bias is None and weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        use = cached is not None and cached.dtype == dtype and torch.is_grad_enabled()
+        use = _lp_usable(cached, x)
         into = acc is not None and token is not None and torch.is_grad_enabled()
         return _Wgrad32.apply(x, weight, dtype, cached if use else None, acc if into else None,
                               token if into else None)
@@ -212,13 +226,6 @@ def kept_buffer(buf: torch.Tensor | None, part: nn.Linear) -> torch.Tensor | Non
     since (zero_grad's default): then autograd's way. `.grad` is read only when keeping, so other
     models' compiled graphs do not guard on it (it changes between micro-batches: a recompile)."""
     return buf if buf is not None and part.weight.grad is not None else None
-
-
-def _stacked(ws: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One uninitialised buffer for a fused GEMM's weights `ws` stacked by rows, and its row slices,
-    one per weight."""
-    buf = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device=ws[0].device, dtype=dtype)
-    return buf, list(buf.split([w.shape[0] for w in ws]))
 
 
 class KVCache:
@@ -259,8 +266,16 @@ class Attention(nn.Module):
         self.qkv_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
         self.grad_token: torch.Tensor | None = None  # set: GEMMs add into kept gradients (Transformer.keep_grads)
         self.qkv_grad: torch.Tensor | None = None  # the fused weight's kept gradient (q, k, v's are views)
+        self.fold_norm = False  # the input norm's weight folded into the fused GEMM's (Transformer.set_gpu_training)
+        self.lp_folded = False  # qkv_lp holds the weights times the norm's weight (cache_weights)
+        self.folded_grad: torch.Tensor | None = None  # kept gradient of those folded weights (keep_grads)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+    def reads_folded(self, x: torch.Tensor) -> bool:
+        """Whether this forward reads the cached weights with the norm's weight folded in: then the
+        block feeds it the norm's output without its weight (Transformer.set_gpu_training)."""
+        return self.lp_folded and self.cached and _lp_usable(self.qkv_lp, x)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, norm_weight=None):
         B, T, _ = x.shape
         cfg = self.cfg
         if self.fused:
@@ -268,9 +283,12 @@ class Attention(nn.Module):
             # concatenation fuses with the weights' cast to BF16, which autocast makes anyway.
             lins = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in lins]) if cfg.qkv_bias else None
-            qkv = linear(x, torch.cat([m.weight for m in lins]), self.wgrad32, bias,
+            w = torch.cat([m.weight for m in lins])
+            # norm_weight: x is normed without its weight, so the GEMM's weights carry it (read from
+            # qkv_lp; the product here is what autograd differentiates if the GEMM ever does not).
+            qkv = linear(x, w if norm_weight is None else w * norm_weight, self.wgrad32, bias,
                          cached=self.qkv_lp if self.cached else None, token=self.grad_token,
-                         acc=kept_buffer(self.qkv_grad, self.q_proj))
+                         acc=kept_buffer(self.qkv_grad if norm_weight is None else self.folded_grad, self.q_proj))
         if self.fused and not cfg.qk_norm and cache is None:
             # RoPE with a backward that writes the fused GEMM's gradient in one pass (luca/kernels.py)
             q, k, v = RopeQKV.apply(qkv, cos, sin, cfg.n_heads, cfg.n_kv_heads)
@@ -320,12 +338,19 @@ class MLP(nn.Module):
         self.gate_up_lp: torch.Tensor | None = None  # the fused GEMM's cached low-precision weight
         self.grad_token: torch.Tensor | None = None  # as Attention's
         self.gate_up_grad: torch.Tensor | None = None
+        self.fold_norm = self.lp_folded = False  # as Attention's
+        self.folded_grad: torch.Tensor | None = None
 
-    def forward(self, x):
+    def reads_folded(self, x: torch.Tensor) -> bool:
+        """As Attention's."""
+        return self.lp_folded and self.cached and _lp_usable(self.gate_up_lp, x)
+
+    def forward(self, x, norm_weight=None):
         if self.fused:  # as Attention's q, k, v
             w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gu = linear(x, w, self.wgrad32, cached=self.gate_up_lp if self.cached else None,
-                        acc=kept_buffer(self.gate_up_grad, self.gate_proj), token=self.grad_token)
+            gu = linear(x, w if norm_weight is None else w * norm_weight, self.wgrad32,
+                        cached=self.gate_up_lp if self.cached else None, token=self.grad_token,
+                        acc=kept_buffer(self.gate_up_grad if norm_weight is None else self.folded_grad, self.gate_proj))
             h = kernels.SwiGLU.apply(gu)  # its backward reads gate, up and d h once (luca/kernels.py)
         else:
             gate, up = (proj(m, x, self.wgrad32, self.cached, self.grad_token) for m in (self.gate_proj, self.up_proj))
@@ -342,8 +367,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        g = n1.weight if self.self_attn.reads_folded(x) else None  # folded into the GEMM's weights
+        x = x + self.self_attn(n1(x, scale=g is None), cos, sin, mask, cache, norm_weight=g)
+        g = n2.weight if self.mlp.reads_folded(x) else None
+        return x + self.mlp(n2(x, scale=g is None), norm_weight=g)
 
 
 class Backbone(nn.Module):
@@ -356,7 +384,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-class Transformer(nn.Module):
+class Transformer(GpuTraining, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.family != "luca":
@@ -370,119 +398,10 @@ class Transformer(nn.Module):
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
+        self._folded_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (copy, weight, norm's weight)
         self.grad_token: torch.Tensor | None = None  # set while gradients are kept (keep_grads)
         self.init_rope()
         self.reset_parameters()
-
-    def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
-                         wgrad32: bool = True) -> None:
-        """Fused gate/up and q/k/v GEMMs, optionally a BF16 residual stream under autocast (luca.train
-        sets them on CUDA: benchmarks/bench_train.py). Same parameters and state dict either way.
-        Projections replaced by other modules (LoRA adapters) are left unfused.
-
-        `bf16_residual` (train.bf16_residual) is 3% faster on an H100 at the GPT-2-small shape, but
-        off by default: over 8 seeds (34M parameters, 8M tokens, benchmarks/compare_gpu.py
-        --ab-residual) its validation BPB was 1.9% worse on average (5 of 8 seeds, p = 0.22), over
-        14 seeds of a 20M model (benchmarks/check_gpu_train.py --runs bf16-residual) +0.10% ± 0.16%
-        (p = 0.54), and over 1,500 steps (~21 passes over its data) of that model +1.9% on both of 2
-        seeds (H200, session 8; session 7's far worse result there was the compiler bug that
-        `kernels.cast` avoids: q_proj and k_proj got no gradient).
-
-        `wgrad32` (on): weight gradients leave the GEMMs in FP32 (`linear`), which saves a cast kernel per
-        weight per step.
-
-        `fuse_qkv` (train.fuse_qkv) fuses q/k/v too, with RoPE's backward in luca's kernel, which
-        writes the three gradients straight into the fused GEMM's (left to the compiler, that
-        gather cost more than the larger GEMMs saved): 1.5% faster on an H200
-        (benchmarks/results/bench_train_h100.md, session 6)."""
-        self.low_precision_residual = on and bf16_residual
-        for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
-            m.fused = on and all(type(p) is nn.Linear for p in (m.gate_proj, m.up_proj))
-            a.wgrad32 = m.wgrad32 = on and wgrad32 and all(
-                type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
-                                               m.down_proj))
-
-    def cache_weights(self, on: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Copies of the projections' and the head's weights in `dtype`, made once per optimizer step
-        (`refresh_weights`, which luca.step calls before a step's first micro-batch) and read by
-        training forwards instead of a new cast of every weight in every micro-batch. They are read
-        only with gradients enabled, i.e. inside training steps; everything else reads the FP32
-        weights, so a copy made stale by the optimizer or a checkpoint load is never used."""
-        self._cached_pairs = []
-        head = self.lm_head
-        for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            a.cached = m.cached = on and a.wgrad32
-            lins = [a.o_proj, m.down_proj]
-            for mod, name, parts in ((a, "qkv_lp", (a.q_proj, a.k_proj, a.v_proj)),
-                                     (m, "gate_up_lp", (m.gate_proj, m.up_proj))):
-                setattr(mod, name, None)
-                if not (mod.cached and mod.fused):
-                    lins += parts
-                    continue
-                for p in parts:  # read through the fused buffer instead
-                    p.weight_lp = None
-                ws = [p.weight for p in parts]  # a fused GEMM's weight is one buffer, filled from its parts
-                buf, rows = _stacked(ws, dtype)
-                setattr(mod, name, buf)
-                self._cached_pairs += list(zip(rows, ws))
-            for lin in lins:
-                lin.weight_lp = torch.empty_like(lin.weight, dtype=dtype) if a.cached else None
-            self._cached_pairs += [(lin.weight_lp, lin.weight) for lin in lins if a.cached]
-        head.weight_lp = torch.empty_like(head.weight, dtype=dtype) if on else None
-        self._cached_pairs += [(head.weight_lp, head.weight)] if on else []
-        self.refresh_weights()
-
-    def keep_grads(self, on: bool = True) -> None:
-        """Keep every gradient allocated between steps (the optimizer zeroes them in place: luca.step)
-        and let the weight-gradient GEMMs of the projections and the head add into them (cuBLAS's
-        beta = 1), and the embedding's backward scatter its rows into its gradient. With gradient
-        accumulation this replaces autograd's add of each new gradient to the kept one (a read and
-        a write of all FP32 gradients per micro-batch) and the embedding's dense (vocab × d)
-        gradient. Needs `wgrad32` for the projections; one process only (DDP and FSDP act on the
-        autograd accumulation this bypasses). Call after `set_gpu_training`.
-
-        The GEMMs' ops return a zero scalar as the gradient of `grad_token`, an input of every
-        such autograd function, so that compiled graphs keep them (luca/kernels.py says why they
-        are declared pure)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        for p in params:
-            p.grad = None
-        on = on and bool(params)
-        self.grad_token = torch.zeros((), device=params[0].device, requires_grad=True) if on else None
-        for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            for mod, name, parts in ((a, "qkv_grad", (a.q_proj, a.k_proj, a.v_proj)),
-                                     (m, "gate_up_grad", (m.gate_proj, m.up_proj))):
-                mod.grad_token = self.grad_token if on and mod.wgrad32 else None
-                setattr(mod, name, None)
-                if mod.grad_token is not None and mod.fused:  # one buffer; the parts' gradients are views
-                    ws = [p.weight for p in parts]
-                    buf, rows = _stacked(ws, ws[0].dtype)
-                    setattr(mod, name, buf.zero_())
-                    for w, g in zip(ws, rows):
-                        w.grad = g
-        if on:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-
-    @property
-    def grads_kept(self) -> bool:
-        return self.grad_token is not None
-
-    @property
-    def weights_cached(self) -> bool:
-        """Whether `cache_weights` is on (the head's copy is always among the cached pairs then)."""
-        return bool(self._cached_pairs)
-
-    @torch.no_grad()
-    def refresh_weights(self) -> None:
-        """Cast the weights into their cached copies (`cache_weights`): one multi-tensor copy."""
-        if self._cached_pairs:
-            torch._foreach_copy_([c for c, _ in self._cached_pairs], [w for _, w in self._cached_pairs])
 
     def init_rope(self) -> None:
         """(Re)build the cos/sin tables for positions 0 … max_seq_len-1 (not saved; call after a meta-device

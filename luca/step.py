@@ -48,6 +48,9 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
                 loss = model(batch[:, :-1], batch[:, 1:])
             (loss / accum).backward()
         loss_sum += loss.detach()
+    for m in raw.modules():  # the GEMMs' d(W diag g) into d W and d g (luca/model.py, fold_norms)
+        if hasattr(m, "unfold_norm_grads"):
+            m.unfold_norm_grads()
     if fold_clip:
         gnorm, ok = _fold_clip(raw, opt, loss_sum, grad_clip, world)
         opt.step()

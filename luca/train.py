@@ -87,6 +87,7 @@ class TrainConfig:
     cuda_graph: bool = True  # one CUDA device: replay the whole step as one CUDA graph (luca/step.py)
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
     accum_in_gemm: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients into kept buffers
+    fold_norms: bool = True  # with cast_once: the blocks' norm weights ride in the cached GEMM weights (luca/model.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -331,7 +332,7 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         # one GEMM for gate and up, one for q, k and v (luca/model.py)
-        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual)
+        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual, fold_norms=cfg.fold_norms)
         # BF16 accumulation on one process: work done once per step serves all its micro-batches
         one_accum = cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
         if cfg.cast_once and one_accum and hasattr(trunk, "cache_weights"):

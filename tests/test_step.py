@@ -106,13 +106,15 @@ def test_under_ddp_only_the_shared_norm_decides_a_skip():
         assert torch.isfinite(gnorm) and bool(ok) is taken and float(opt.found_inf) == (not taken)
 
 
-def _cached_pair(fuse: bool):
+def _cached_pair(fuse: bool, fold: bool = False):
     """Two copies of a tied-embedding model on the BF16 GPU path (wgrad32, head kernel under the
-    interpreter); the second casts its weights once per step (`cache_weights`)."""
+    interpreter); the second casts its weights once per step (`cache_weights`), folding the norms'
+    weights into them with `fold` (which changes the rounding, so the tests of casting and keeping
+    leave it off)."""
     torch.manual_seed(0)
     a = Transformer(CFG)
     a.loss_impl = "fused"
-    a.set_gpu_training(True, fuse_qkv=fuse)
+    a.set_gpu_training(True, fuse_qkv=fuse, fold_norms=fold)
     b = copy.deepcopy(a)
     b.cache_weights()
     return a, b
@@ -223,3 +225,62 @@ def test_kept_gradients_survive_a_checkpoint_load_and_being_freed():
             model(x[:, :-1], x[:, 1:]).backward()
     for (n, p), q in zip(ref.named_parameters(), m2.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=n)
+
+
+class _Recorder(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients each step saw (after the clip)."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = ""):
+    """Gradients of 2 steps of 3 micro-batches each, of a fused, cached model with its norms' weights
+    drawn away from 1 (at 1 the fold is the identity: a test there proves nothing)."""
+    torch._dynamo.reset()
+    a, _ = _cached_pair(True, fold)
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(n)))
+    a.cache_weights()
+    if keep:
+        a.keep_grads()
+    if broken == "unfold":  # the step forgets to turn d(W diag g) into d W and d g
+        a.unfold_norm_grads = lambda: None
+    opt = _Recorder(a.parameters(), lr=0.05)
+    step = Stepper(torch.compile(a) if compiled else a, a, opt, 0.0, torch.autocast("cpu", dtype=torch.bfloat16),
+                   1, False, False)
+    g, seen = torch.Generator().manual_seed(7), []
+    for _ in range(2):
+        step([torch.randint(0, 256, (2, 33), generator=g) for _ in range(3)], 0.05)
+        seen.append(opt.seen)
+    return a, seen
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradients(compiled):
+    """`fold_norms`: the blocks' norms give x̂ and the fused GEMMs read bf16(W diag g), cast once per
+    step; with kept gradients the GEMMs add d(W diag g) into their own buffer, turned into d W and d g
+    once per step (`unfold_norm_grads`), and without kept gradients autograd differentiates W diag g.
+    The two ways agree to FP32 rounding, and every parameter's gradient, norms' weights included,
+    equals the unfolded model's to BF16 rounding (the fold rounds other products), over 2 steps;
+    a step without the unfold is off by far more."""
+    _, ref_seen = _folded_grads(compiled, fold=False, keep=True)
+
+    def worst(seen, ref_seen=ref_seen):  # largest error of a parameter's gradient, relative to its largest entry
+        return max(((s - r).abs().max() / r.abs().max()).item()
+                   for step, ref_step in zip(seen, ref_seen) for s, r in zip(step, ref_step))
+    runs = {}
+    for keep in (True, False):
+        m, runs[keep] = _folded_grads(compiled, fold=True, keep=keep)
+        assert m.model.layers[0].mlp.reads_folded(torch.zeros(1)) is False  # only in a training forward
+        assert m.model.layers[1].self_attn.lp_folded and (m.model.layers[1].self_attn.folded_grad is not None) is keep
+        assert worst(runs[keep]) < 0.03, (keep, worst(runs[keep]))  # 0.012 measured
+        if keep:
+            assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+            assert not m.model.layers[0].self_attn.folded_grad.any()  # zeroed for the next step
+    assert worst(runs[True], runs[False]) < 1e-4  # the unfold is autograd's chain rule
+    _, seen = _folded_grads(compiled, fold=True, keep=True, broken="unfold")
+    assert worst(seen) > 0.5  # 1.0: what the tolerances above rule out
