@@ -235,11 +235,12 @@ class _Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = ""):
+def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt: bool = False):
     """Gradients of 2 steps of 3 micro-batches each, of a fused, cached model with its norms' weights
     drawn away from 1 (at 1 the fold is the identity: a test there proves nothing)."""
     torch._dynamo.reset()
     a, _ = _cached_pair(True, fold)
+    a.gradient_checkpointing = ckpt  # the blocks' forwards run again in the backward: the fold must hold there too
     with torch.no_grad():
         for n, p in a.named_parameters():
             if "norm" in n:
@@ -264,7 +265,8 @@ def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradien
     """`fold_norms`: the blocks' norms give x̂ and the fused GEMMs read bf16(W diag g), cast once per
     step; with kept gradients the GEMMs add d(W diag g) into their own buffer, turned into d W and d g
     once per step (`unfold_norm_grads`), and without kept gradients autograd differentiates W diag g.
-    The two ways agree to FP32 rounding, and every parameter's gradient, norms' weights included,
+    The two ways agree to FP32 rounding (kept, also with activation checkpointing, whose recompute
+    must fold as the forward did), and every parameter's gradient, norms' weights included,
     equals the unfolded model's to BF16 rounding (the fold rounds other products), over 2 steps;
     a step without the unfold is off by far more."""
     _, ref_seen = _folded_grads(compiled, fold=False, keep=True)
@@ -273,14 +275,16 @@ def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradien
         return max(((s - r).abs().max() / r.abs().max()).item()
                    for step, ref_step in zip(seen, ref_seen) for s, r in zip(step, ref_step))
     runs = {}
-    for keep in (True, False):
-        m, runs[keep] = _folded_grads(compiled, fold=True, keep=keep)
+    for keep, ckpt in ((True, False), (False, False), ("ckpt", True)):
+        m, runs[keep] = _folded_grads(compiled, fold=True, keep=bool(keep), ckpt=ckpt)
         assert m.model.layers[0].mlp.reads_folded(torch.zeros(1)) is False  # only in a training forward
-        assert m.model.layers[1].self_attn.lp_folded and (m.model.layers[1].self_attn.folded_grad is not None) is keep
+        assert m.model.layers[1].self_attn.lp_folded and (m.model.layers[1].self_attn.folded_grad is not None) is bool(keep)
         assert worst(runs[keep]) < 0.03, (keep, worst(runs[keep]))  # 0.012 measured
         if keep:
             assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
             assert not m.model.layers[0].self_attn.folded_grad.any()  # zeroed for the next step
     assert worst(runs[True], runs[False]) < 1e-4  # the unfold is autograd's chain rule
+    # compiled, the backward's recompute of x̂ may round apart from the forward's (1.8e-3 measured)
+    assert worst(runs["ckpt"], runs[False]) < (1e-2 if compiled else 1e-4)
     _, seen = _folded_grads(compiled, fold=True, keep=True, broken="unfold")
     assert worst(seen) > 0.5  # 1.0: what the tolerances above rule out
