@@ -131,16 +131,16 @@ def main() -> None:
             run("train-unfolded-norms", fold_norms=False, seed=seed)
         if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)
             run("train-autograd-accum", accum_in_gemm=False, seed=seed)
-        if "muon" in runs:  # Muon for the blocks' matrices (train.optimizer), no CUDA graph
-            run("train-muon", optimizer="muon", seed=seed)
-        if "muon-folded" in runs:  # Muon with folds_clip (off by default), so the step can be a CUDA graph
+        if "muon" in runs:  # Muon's plain step (folds_clip off: clip_grad_norm_, no CUDA graph)
             import luca.optim
             defaults = luca.optim.Muon.__init__.__defaults__
-            luca.optim.Muon.__init__.__defaults__ = defaults[:-1] + (True,)  # folds_clip is the last
+            luca.optim.Muon.__init__.__defaults__ = defaults[:-1] + (False,)  # folds_clip is the last
             try:
-                run("train-muon-folded", optimizer="muon", seed=seed)
+                run("train-muon", optimizer="muon", seed=seed)
             finally:
                 luca.optim.Muon.__init__.__defaults__ = defaults
+        if "muon-folded" in runs:  # Muon as luca train runs it: the folded step, replayed as a CUDA graph
+            run("train-muon-folded", optimizer="muon", seed=seed)
     if "again" in runs:
         run("train-no-graph-again", cuda_graph=False, seed=first)  # GPU kernels' own spread
     if "resumed" in runs:
@@ -228,12 +228,11 @@ def kernel_check(torch) -> dict:
 
 
 def muon_capture(torch, smoke: bool = False) -> None:
-    """Muon with the clip folded in (`Muon.folds_clip`, off by default since session 9): whole
-    training steps of the 20M model with and without the fold (each with its own model and
-    optimizer, as training has), then luca.step's capture of the folded step alone and inside
-    train_step, printing the first failing call's traceback. On an H200 (session 9) the capture
-    failed and the folded step was slower; the host sync behind the failure was fixed afterwards
-    without a GPU, which this checks. On CUDA the model is compiled, as in training; `--smoke` runs
+    """Muon with the clip folded in (`Muon.folds_clip`): whole training steps of the 20M model with
+    and without the fold (each with its own model and optimizer, as training has), then luca.step's
+    capture of the folded step alone and inside train_step, printing the first failing call's
+    traceback. On an H200 (session 9) the capture failed on a host sync, fixed afterwards without a
+    GPU; on an H100 (session 10) both captures succeeded. On CUDA the model is compiled, as in training; `--smoke` runs
     it on the CPU, with 2 layers and micro-batches of 2, without the capture."""
     import traceback
 

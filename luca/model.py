@@ -27,10 +27,10 @@ What is notable:
   With gradient accumulation, `cache_weights` casts the weights to BF16 once per optimizer step for
   all its micro-batches (read only with gradients enabled, so a stale copy is never used), and
   `keep_grads` lets the weight-gradient GEMMs add into kept FP32 gradients instead of autograd
-  adding each micro-batch's (1.8% of a micro-batch on an H200). With both, `fold_norms` moves each
-  block norm's weight into the cached weights of the fused GEMM after it, so no micro-batch sums
-  the norms' weight gradients over its tokens; `unfold_norm_grads` recovers them once per step
-  (1.3% on an H100).
+  adding each micro-batch's (1.8% of a micro-batch on an H200). With cached weights, `fold_norms`
+  moves each block norm's weight into the cached weights of the fused GEMM after it, so no
+  micro-batch sums the norms' weight gradients over its tokens; with kept gradients too,
+  `unfold_norm_grads` recovers them once per step (1.3% on an H100).
 - This module imports torch and, of luca, only luca.kernels, luca.gpu_training and luca.loss (torch
   only; Triton on use).
 """
@@ -273,7 +273,7 @@ class Attention(nn.Module):
     def reads_folded(self, x: torch.Tensor) -> bool:
         """Whether this forward reads the cached weights with the norm's weight folded in: then the
         block feeds it the norm's output without its weight (Transformer.set_gpu_training)."""
-        return self.lp_folded and self.cached and _lp_usable(self.qkv_lp, x)
+        return self.fused and self.lp_folded and self.cached and _lp_usable(self.qkv_lp, x)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, norm_weight=None):
         B, T, _ = x.shape
@@ -343,7 +343,7 @@ class MLP(nn.Module):
 
     def reads_folded(self, x: torch.Tensor) -> bool:
         """As Attention's."""
-        return self.lp_folded and self.cached and _lp_usable(self.gate_up_lp, x)
+        return self.fused and self.lp_folded and self.cached and _lp_usable(self.gate_up_lp, x)
 
     def forward(self, x, norm_weight=None):
         if self.fused:  # as Attention's q, k, v

@@ -15,7 +15,8 @@ What is notable:
   costs host time; benchmarks/bench_optim.py). With `folds_clip` it takes the clip and the skip as
   device tensors, as fused AdamW does (`grad_scale`, `found_inf`: luca.step folds them in), and
   its learning rate as a tensor, so that luca.step replays its whole step as a CUDA graph (on by
-  default). On an H100 a 20M model then trains at 1.29M tokens/s against 359k without the graph,
+  default; luca.step folds only where it will capture the step, since without the graph the
+  folded step is the slower one). On an H100 a 20M model then trains at 1.29M tokens/s against 359k without the graph,
   with the same loss curve (benchmarks/results/check_gpu_train_h100_s10_muon_folded.json). Nothing
   in the step may read a device value back (a host sync is illegal in a capture):
   `_foreach_add_(tensors, scalar_tensor)` does, through `.item()`, which is why the step counts

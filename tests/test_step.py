@@ -228,11 +228,27 @@ def test_kept_gradients_survive_a_checkpoint_load_and_being_freed():
 
 
 class _Recorder(torch.optim.SGD):
-    """SGD that keeps a copy of the gradients each step saw (after the clip)."""
+    """SGD that keeps a copy of the gradients each step saw (after the clip), and of what `look()`
+    returns then."""
+
+    look = staticmethod(lambda: None)
 
     def step(self, closure=None):
         self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        self.looked = self.look()
         return super().step(closure)
+
+
+def _stale_folded_copy(m: Transformer) -> float:
+    """Largest difference between a fused GEMM's cached copy and bf16(W diag g) of the weights now."""
+    worst = 0.0
+    for block in m.model.layers:
+        for lp, parts, norm in ((block.self_attn.qkv_lp, ("q_proj", "k_proj", "v_proj"), block.input_layernorm),
+                                (block.mlp.gate_up_lp, ("gate_proj", "up_proj"), block.post_attention_layernorm)):
+            mod = block.self_attn if "q_proj" in parts else block.mlp
+            w = torch.cat([getattr(mod, p).weight for p in parts]) * norm.weight
+            worst = max(worst, (lp.float() - w.to(torch.bfloat16).float()).abs().max().item())
+    return worst
 
 
 def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt: bool = False):
@@ -251,12 +267,14 @@ def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt
     if broken == "unfold":  # the step forgets to turn d(W diag g) into d W and d g
         a.unfold_norm_grads = lambda: None
     opt = _Recorder(a.parameters(), lr=0.05)
+    opt.look = (lambda: _stale_folded_copy(a)) if fold else opt.look  # before this step's update
     step = Stepper(torch.compile(a) if compiled else a, a, opt, 0.0, torch.autocast("cpu", dtype=torch.bfloat16),
                    1, False, False)
     g, seen = torch.Generator().manual_seed(7), []
     for _ in range(2):
         step([torch.randint(0, 256, (2, 33), generator=g) for _ in range(3)], 0.05)
         seen.append(opt.seen)
+        assert not opt.looked, opt.looked  # the copies followed the last step's update of W and g
     return a, seen
 
 
@@ -277,7 +295,10 @@ def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradien
     runs = {}
     for keep, ckpt in ((True, False), (False, False), ("ckpt", True)):
         m, runs[keep] = _folded_grads(compiled, fold=True, keep=bool(keep), ckpt=ckpt)
-        assert m.model.layers[0].mlp.reads_folded(torch.zeros(1)) is False  # only in a training forward
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # only in a training forward
+            assert m.model.layers[0].mlp.reads_folded(torch.zeros(1))
+            with torch.no_grad():
+                assert not m.model.layers[0].mlp.reads_folded(torch.zeros(1))
         assert m.model.layers[1].self_attn.lp_folded and (m.model.layers[1].self_attn.folded_grad is not None) is bool(keep)
         assert worst(runs[keep]) < 0.03, (keep, worst(runs[keep]))  # 0.012 measured
         if keep:
@@ -288,3 +309,23 @@ def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradien
     assert worst(runs["ckpt"], runs[False]) < (1e-2 if compiled else 1e-4)
     _, seen = _folded_grads(compiled, fold=True, keep=True, broken="unfold")
     assert worst(seen) > 0.5  # 1.0: what the tolerances above rule out
+
+
+def test_a_fold_never_outlives_its_fused_gemm():
+    """`set_gpu_training` called again after `cache_weights` may unfuse q/k/v: the cached copy then
+    goes unread, so the norm must apply its own weight again (it dropped it while the copy was read)."""
+    a, _ = _cached_pair(True, True)
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(n)))
+    a.cache_weights()
+    ref = copy.deepcopy(a)
+    ref.set_gpu_training(False)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert a.model.layers[0].self_attn.reads_folded(torch.zeros(1))
+        a.set_gpu_training(True, fuse_qkv=False)
+        assert not a.model.layers[0].self_attn.reads_folded(torch.zeros(1))
+        h, h_ref = a.hidden_states(x), ref.hidden_states(x)
+    assert ((h - h_ref).abs().max() / h_ref.abs().max()).item() < 0.05
