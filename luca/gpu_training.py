@@ -108,7 +108,8 @@ class GpuTraining:
         accumulation this replaces autograd's add of each new gradient to the kept one (a read and
         a write of all FP32 gradients per micro-batch) and the embedding's dense (vocab × d)
         gradient. Needs `wgrad32` for the projections; one process only (DDP and FSDP act on the
-        autograd accumulation this bypasses). Call after `set_gpu_training`.
+        autograd accumulation this bypasses). Call after `set_gpu_training` and `cache_weights` (a
+        folded GEMM then gets its own buffer; called before, it falls back to autograd's adds).
 
         The GEMMs' ops return a zero scalar as the gradient of `grad_token`, an input of every
         such autograd function, so that compiled graphs keep them (luca/kernels.py says why they
@@ -131,8 +132,8 @@ class GpuTraining:
                     setattr(mod, name, buf.zero_())
                     for w, g in zip(ws, rows):
                         w.grad = g
-                    if mod.fold_norm:  # d(W diag g), apart: unfold_norm_grads adds it to the gradients
-                        mod.folded_grad = torch.zeros_like(buf)
+                    if mod.lp_folded:  # d(W diag g), apart: unfold_norm_grads adds it to the gradients
+                        mod.folded_grad = torch.zeros_like(buf)  # (without it, autograd's way: also exact)
         if on:
             for p in params:
                 if p.grad is None:
