@@ -23,6 +23,14 @@ def _stacked(ws: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, 
     return buf, list(buf.split([w.shape[0] for w in ws]))
 
 
+def fused_gemms(block: nn.Module) -> tuple:
+    """A block's two fused GEMMs, each as (module, attribute prefix of its cached copy `<p>_lp` and
+    kept gradient `<p>_grad`, the projections it fuses, the norm before it)."""
+    a, m = block.self_attn, block.mlp
+    return ((a, "qkv", (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm),
+            (m, "gate_up", (m.gate_proj, m.up_proj), block.post_attention_layernorm))
+
+
 class GpuTraining:
     """Mixed into luca.model.Transformer (module docstring)."""
 
@@ -77,8 +85,8 @@ class GpuTraining:
             a, m = block.self_attn, block.mlp
             a.cached = m.cached = on and a.wgrad32
             lins = [a.o_proj, m.down_proj]
-            for mod, name, parts, norm in ((a, "qkv_lp", (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm),
-                                           (m, "gate_up_lp", (m.gate_proj, m.up_proj), block.post_attention_layernorm)):
+            for mod, prefix, parts, norm in fused_gemms(block):
+                name = f"{prefix}_lp"
                 setattr(mod, name, None)
                 mod.lp_folded = False
                 if not (mod.cached and mod.fused):
@@ -120,9 +128,8 @@ class GpuTraining:
         on = on and bool(params)
         self.grad_token = torch.zeros((), device=params[0].device, requires_grad=True) if on else None
         for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            for mod, name, parts in ((a, "qkv_grad", (a.q_proj, a.k_proj, a.v_proj)),
-                                     (m, "gate_up_grad", (m.gate_proj, m.up_proj))):
+            for mod, prefix, parts, _ in fused_gemms(block):
+                name = f"{prefix}_grad"
                 mod.grad_token = self.grad_token if on and mod.wgrad32 else None
                 setattr(mod, name, None)
                 mod.folded_grad = None
@@ -164,9 +171,7 @@ class GpuTraining:
         luca.step calls this after a step's last backward). Linear, so exact whatever the number of
         micro-batches: d W = d(W diag g) diag g, d g = Σ over W's rows of d(W diag g) ⊙ W."""
         for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            for mod, parts, norm in ((a, (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm),
-                                     (m, (m.gate_proj, m.up_proj), block.post_attention_layernorm)):
+            for mod, _, parts, norm in fused_gemms(block):
                 acc = mod.folded_grad
                 if acc is None:
                     continue

@@ -241,26 +241,31 @@ class _Recorder(torch.optim.SGD):
 
 def _stale_folded_copy(m: Transformer) -> float:
     """Largest difference between a fused GEMM's cached copy and bf16(W diag g) of the weights now."""
+    from luca.gpu_training import fused_gemms
     worst = 0.0
     for block in m.model.layers:
-        for lp, parts, norm in ((block.self_attn.qkv_lp, ("q_proj", "k_proj", "v_proj"), block.input_layernorm),
-                                (block.mlp.gate_up_lp, ("gate_proj", "up_proj"), block.post_attention_layernorm)):
-            mod = block.self_attn if "q_proj" in parts else block.mlp
-            w = torch.cat([getattr(mod, p).weight for p in parts]) * norm.weight
+        for mod, prefix, parts, norm in fused_gemms(block):
+            w = torch.cat([p.weight for p in parts]) * norm.weight
+            lp = getattr(mod, f"{prefix}_lp")
             worst = max(worst, (lp.float() - w.to(torch.bfloat16).float()).abs().max().item())
     return worst
 
 
+@torch.no_grad()
+def _norms_away_from_one(m: Transformer) -> None:
+    """Norm weights drawn from [0.5, 1.5]: at 1 a fold of them is the identity and proves nothing."""
+    for n, p in m.named_parameters():
+        if "norm" in n:
+            p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(n)))
+
+
 def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt: bool = False):
     """Gradients of 2 steps of 3 micro-batches each, of a fused, cached model with its norms' weights
-    drawn away from 1 (at 1 the fold is the identity: a test there proves nothing)."""
+    drawn away from 1."""
     torch._dynamo.reset()
     a, _ = _cached_pair(True, fold)
     a.gradient_checkpointing = ckpt  # the blocks' forwards run again in the backward: the fold must hold there too
-    with torch.no_grad():
-        for n, p in a.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(n)))
+    _norms_away_from_one(a)
     a.cache_weights()
     if keep:
         a.keep_grads()
@@ -315,10 +320,7 @@ def test_a_fold_never_outlives_its_fused_gemm():
     """`set_gpu_training` called again after `cache_weights` may unfuse q/k/v: the cached copy then
     goes unread, so the norm must apply its own weight again (it dropped it while the copy was read)."""
     a, _ = _cached_pair(True, True)
-    with torch.no_grad():
-        for n, p in a.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(n)))
+    _norms_away_from_one(a)
     a.cache_weights()
     ref = copy.deepcopy(a)
     ref.set_gpu_training(False)
