@@ -92,12 +92,6 @@ VARIANTS = {  # name: (what it is, worker settings)
                          {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
     "luca-autograd-accum": ("luca with autograd adding each micro-batch's weight gradients (train.accum_in_gemm = false)",
                             {"keep": False}),
-    "luca-side-wgrad": ("luca with the weight-gradient GEMMs on a side stream, joined after each backward",
-                        {"side_wgrads": 1}),
-    "luca-side-wgrad-late": ("luca with the weight-gradient GEMMs on a side stream, joined before the next backward",
-                             {"side_wgrads": 2}),
-    "luca-no-reuse": ("luca with inductor's buffer reuse off (what the side stream needs)",
-                      {"inductor": {"allow_buffer_reuse": False, "inplace_buffers": False}}),
     "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
                        {"cache": False}),
 }
@@ -260,9 +254,6 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
-    if settings.get("side_wgrads"):
-        from luca import kernels
-        kernels.side_wgrads(settings["side_wgrads"])
     if raw.weights_cached:  # the cached copies follow the GEMMs chosen above (or go)
         raw.cache_weights(settings.get("cache", True))
     if raw.grads_kept:  # so do the kept gradients
@@ -324,35 +315,6 @@ def _graph_runs(steps: int, graphs: tuple, compile_: bool) -> tuple[dict, list]:
             losses.append(float(loss))
         runs[key] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
     return runs, data
-
-
-def check_side(steps: int = 8, accum: int = 3) -> dict:
-    """The weight-gradient GEMMs on a side stream (kernels.side_wgrads, both joins) against the default
-    path: same seed, same data, the CUDA-graph step with `accum` micro-batches; same GEMMs, so the
-    losses and weights should be bitwise equal."""
-    from luca import kernels
-    from luca.distributed import Dist
-    from luca.model import ModelConfig
-    from luca.step import Stepper
-    from luca.train import TrainConfig, build
-    device = _device()
-    data = random_batches(steps * accum, device)
-    runs = {}
-    for mode in (0, 1, 2):
-        torch._dynamo.reset()
-        kernels.side_wgrads(mode)
-        cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * accum, lr=6e-4, compile=DEV == "cuda", seed=7)
-        raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, Dist())
-        stepper = Stepper(model, raw, opt, 1.0, torch.autocast(DEV, dtype=torch.bfloat16), 1, False, True, log)
-        losses = [float(stepper(data[i * accum:(i + 1) * accum], 6e-4)[0]) for i in range(steps)]
-        runs[mode] = (losses, [p.detach().float().clone() for p in raw.parameters()], stepper.graph is not None)
-    kernels.side_wgrads(0)
-    out = {"steps": steps, "accum": accum, "losses": {m: r[0] for m, r in runs.items()},
-           "captured": {m: r[2] for m, r in runs.items()}}
-    for m in (1, 2):
-        out[f"max_weight_diff_{m}"] = max((a - b).abs().max().item() for a, b in zip(runs[0][1], runs[m][1]))
-        out[f"max_loss_diff_{m}"] = max(abs(a - b) for a, b in zip(runs[0][0], runs[m][0]))
-    return out
 
 
 def check_graph_deterministic(steps: int = 40) -> dict:
@@ -628,7 +590,6 @@ def main() -> None:
     p.add_argument("--scaling", action="store_true", help="1 GPU vs all GPUs of the machine (DDP)")
     p.add_argument("--check-graph", action="store_true", help="the CUDA-graph step against the ordinary one")
     p.add_argument("--deterministic", action="store_true", help="--check-graph with deterministic kernels: bitwise")
-    p.add_argument("--check-side", action="store_true", help="weight gradients on a side stream against the default")
     p.add_argument("--accums", default="1,4", help="micro-batches per rank per step, for --scaling")
     p.add_argument("--no-optimize-ddp", action="store_true",
                    help="--scaling: compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
@@ -655,10 +616,6 @@ def main() -> None:
         print("losses, kernel :", " ".join(f"{x:.4f}" for x in r["losses_graph"]))
         print("losses, full CE:", " ".join(f"{x:.4f}" for x in r["losses_full_ce"]))
         _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_graph_deterministic.json", r)
-    elif a.check_side:
-        r = check_side()
-        print("side-stream weight gradients:", json.dumps(r))
-        _save(Path(os.environ["OUT"]) if os.environ.get("OUT") else None, "check_side.json", r)
     elif a.check_graph:
         r = check_graph()
         print(f"CUDA graph check: captured {r['captured']}, max loss difference {r['max_loss_diff']:.2e}, "

@@ -217,48 +217,13 @@ def _addmm_into_ok(device: torch.device) -> bool:
 # They write through `acc.data`, which leaves the tensor's version counter alone: a graph that saved
 # the buffer (a compiled, checkpointed trunk whose tied embedding shares the head's gradient) checks
 # that version in its backward, after the head's GEMM has already added into it.
-# Weight gradients on a side stream (SIDE_WGRADS; experimental): nothing in a backward pass waits for
-# them, so they can run beside the kernels that do. 1: the stream joins after each backward; 2: before
-# the next one (so they also overlap the next micro-batch's forward). Their operands are held until
-# the join, and the compiler must not reuse their buffers meanwhile (`side_wgrads` sets that).
-SIDE_WGRADS = 0
-_SIDE: dict = {}  # device index → the side stream
-_HELD: list = []  # operands of the GEMMs in flight there
-
-
-def side_wgrads(mode: int) -> None:
-    """Switch the side stream for weight gradients (0 off, 1 or 2: where it joins, above)."""
-    global SIDE_WGRADS
-    SIDE_WGRADS = mode
-    if mode:
-        import torch._inductor.config as ind
-        ind.allow_buffer_reuse = ind.inplace_buffers = False
-
-
-def join_wgrads() -> None:
-    """The current stream waits for the weight-gradient GEMMs queued on the side stream; their
-    operands are released (freed on this stream, so reuse comes after them)."""
-    if _HELD:
-        dev = _HELD[0].device
-        torch.cuda.current_stream(dev).wait_stream(_SIDE[dev.index])
-        _HELD.clear()
-
-
 @torch.library.custom_op("luca::mm_into", mutates_args=())
 def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc += a @ b (BF16 a, b; FP32 acc): on CUDA inside the GEMM (beta = 1: the epilogue reads the
     accumulator, no separate add kernel), elsewhere an add of `mm_fp32`. Returns a zero scalar."""
     acc = acc.data  # an alias whose writes leave acc's version alone (below)
     if a.is_cuda and MM_OUT_DTYPE and _addmm_into_ok(a.device):
-        if SIDE_WGRADS:
-            main = torch.cuda.current_stream(a.device)
-            side = _SIDE.setdefault(a.device.index, torch.cuda.Stream(a.device))
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _HELD.extend((a, b))
-        else:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(mm_fp32(a, b))
     return acc.new_zeros(())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from luca import kernels, rundir
+from luca import rundir
 from luca.distributed import local, sync_context
 from luca.errors import LucaError
 
@@ -47,13 +47,8 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
         with sync_context(model, i == accum - 1):
             with autocast:
                 loss = model(batch[:, :-1], batch[:, 1:])
-            if kernels.SIDE_WGRADS == 2:
-                kernels.join_wgrads()
             (loss / accum).backward()
-            if kernels.SIDE_WGRADS == 1:
-                kernels.join_wgrads()
         loss_sum += loss.detach()
-    kernels.join_wgrads()
     for m in raw.modules():  # the GEMMs' d(W diag g) into d W and d g (luca/model.py, fold_norms)
         if hasattr(m, "unfold_norm_grads"):
             m.unfold_norm_grads()
