@@ -92,10 +92,6 @@ VARIANTS = {  # name: (what it is, worker settings)
                          {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}}),
     "luca-autograd-accum": ("luca with autograd adding each micro-batch's weight gradients (train.accum_in_gemm = false)",
                             {"keep": False}),
-    "luca-wgrad-split2": ("luca with o_proj's and down_proj's weight gradients split 2 ways along the tokens "
-                          "(train.wgrad_split)", {"wgrad_split": 2}),
-    "luca-wgrad-split3": ("as luca-wgrad-split2, 3 ways", {"wgrad_split": 3}),
-    "luca-wgrad-split4": ("as luca-wgrad-split2, 4 ways", {"wgrad_split": 4}),
     "luca-cast-each": ("luca casting the weights to BF16 in every micro-batch (train.cast_once = false)",
                        {"cache": False}),
 }
@@ -258,8 +254,6 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
             block.self_attn.fused = block.mlp.fused = False
     if settings.get("bf16_residual"):
         raw.low_precision_residual = True
-    if "wgrad_split" in settings:
-        raw.wgrad_split = settings["wgrad_split"]
     if raw.weights_cached:  # the cached copies follow the GEMMs chosen above (or go)
         raw.cache_weights(settings.get("cache", True))
     if raw.grads_kept:  # so do the kept gradients

@@ -35,7 +35,7 @@ class GpuTraining:
     """Mixed into luca.model.Transformer (module docstring)."""
 
     def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
-                         wgrad32: bool = True, fold_norms: bool = True, wgrad_split: int = 1) -> None:
+                         wgrad32: bool = True, fold_norms: bool = True) -> None:
         """Fused gate/up and q/k/v GEMMs, optionally a BF16 residual stream under autocast (luca.train
         sets them on CUDA: benchmarks/bench_train.py). Same parameters and state dict either way.
         Projections replaced by other modules (LoRA adapters) are left unfused.
@@ -56,10 +56,6 @@ class GpuTraining:
         gather cost more than the larger GEMMs saved): 1.5% faster on an H200
         (benchmarks/results/bench_train_h100.md, session 6).
 
-        `wgrad_split` (> 1, with `keep_grads`): the narrow projections (o_proj and down_proj, d_model
-        rows) keep that many FP32 accumulators, and their weight-gradient GEMM runs split along the
-        tokens as one batched GEMM into them (`kernels.mm_into`); `finish_grads` sums them once a step.
-
         `fold_norms` (train.fold_norms): with `cache_weights`, each block's two norms give their output
         without their weight, and the fused GEMM after each reads its weights cast once per step
         already multiplied by it (y = x̂ (W diag g)ᵀ, the same product). The norms' backward then
@@ -67,7 +63,6 @@ class GpuTraining:
         their own buffer, and `unfold_norm_grads` turns that into d W and d g once per step, since W
         and g do not change within it. Call `cache_weights` and `keep_grads` after this."""
         self.low_precision_residual = on and bf16_residual
-        self.wgrad_split = wgrad_split if on else 1
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -146,11 +141,6 @@ class GpuTraining:
                         w.grad = g
                     if mod.lp_folded:  # d(W diag g), apart: unfold_norm_grads adds it to the gradients
                         mod.folded_grad = torch.zeros_like(buf)  # (without it, autograd's way: also exact)
-            for lin in (block.self_attn.o_proj, block.mlp.down_proj):
-                lin.grad_split = None
-                if on and block.self_attn.wgrad32 and getattr(self, "wgrad_split", 1) > 1:
-                    lin.grad_split = torch.zeros(self.wgrad_split, *lin.weight.shape, device=lin.weight.device)
-                    lin.weight.grad = lin.grad_split[0]  # the others are added to it once a step
         if on:
             for p in params:
                 if p.grad is None:
@@ -175,18 +165,11 @@ class GpuTraining:
             torch.mul(w, g, out=c)
 
     @torch.no_grad()
-    def finish_grads(self) -> None:
-        """After a step's last backward (luca.step calls this): add the split accumulators of the narrow
-        projections (`wgrad_split`) into their gradients and zero them; and turn what the folded GEMMs
-        added up, d(W diag g), into the gradients of W and of the norm's weight g, and zero it
-        (`fold_norms`). Linear, so exact whatever the number of micro-batches:
-        d W = d(W diag g) diag g, d g = Σ over W's rows of d(W diag g) ⊙ W."""
-        for block in self.model.layers:
-            for lin in (block.self_attn.o_proj, block.mlp.down_proj):
-                split = getattr(lin, "grad_split", None)
-                if split is not None and lin.weight.grad is not None and lin.weight.grad.data_ptr() == split.data_ptr():
-                    split[0].add_(split[1:].sum(0))
-                    split[1:].zero_()
+    def unfold_norm_grads(self) -> None:
+        """Turn what the folded GEMMs added up over a step's micro-batches, d(W diag g), into the
+        gradients of W and of the norm's weight g, and zero it (`set_gpu_training`'s `fold_norms`;
+        luca.step calls this after a step's last backward). Linear, so exact whatever the number of
+        micro-batches: d W = d(W diag g) diag g, d g = Σ over W's rows of d(W diag g) ⊙ W."""
         for block in self.model.layers:
             for mod, _, parts, norm in fused_gemms(block):
                 acc = mod.folded_grad

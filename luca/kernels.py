@@ -220,23 +220,8 @@ def _addmm_into_ok(device: torch.device) -> bool:
 @torch.library.custom_op("luca::mm_into", mutates_args=())
 def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc += a @ b (BF16 a, b; FP32 acc): on CUDA inside the GEMM (beta = 1: the epilogue reads the
-    accumulator, no separate add kernel), elsewhere an add of `mm_fp32`. Returns a zero scalar.
-    A 3-D `acc` (S, out, in) holds S accumulators whose sum is the gradient (Transformer.keep_grads'
-    split): the GEMM is split S ways along its inner dimension (the tokens) and run as one batched
-    GEMM, each part adding into its own accumulator: S times the output tiles for a narrow weight."""
+    accumulator, no separate add kernel), elsewhere an add of `mm_fp32`. Returns a zero scalar."""
     acc = acc.data  # an alias whose writes leave acc's version alone (below)
-    if acc.dim() == 3:
-        S, K = acc.shape[0], a.shape[1]
-        if K % S:
-            acc = acc[0]
-        else:
-            a3 = a.t().reshape(S, K // S, a.shape[0]).transpose(1, 2)
-            b3 = b.reshape(S, K // S, b.shape[1])
-            if a.is_cuda and MM_OUT_DTYPE:
-                torch.baddbmm(acc, a3, b3, out_dtype=torch.float32, out=acc)
-            else:
-                acc.baddbmm_(a3.float(), b3.float())
-            return acc.new_zeros(())
     if a.is_cuda and MM_OUT_DTYPE and _addmm_into_ok(a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:

@@ -30,7 +30,7 @@ What is notable:
   adding each micro-batch's (1.8% of a micro-batch on an H200). With cached weights, `fold_norms`
   moves each block norm's weight into the cached weights of the fused GEMM after it, so no
   micro-batch sums the norms' weight gradients over its tokens; with kept gradients too,
-  `finish_grads` recovers them once per step (1.3% on an H100).
+  `unfold_norm_grads` recovers them once per step (1.3% on an H100).
 - This module imports torch and, of luca, only luca.kernels, luca.gpu_training and luca.loss (torch
   only; Triton on use).
 """
@@ -217,11 +217,8 @@ def proj(m: nn.Module, x: torch.Tensor, wgrad32: bool, cached: bool = False,
     from its cached low-precision weight with `cached`, into its kept gradient with `token`."""
     if not wgrad32:
         return m(x)
-    acc = None
-    if token is not None:  # its split accumulators where keep_grads made them, else the gradient itself
-        split = getattr(m, "grad_split", None)
-        acc = split if split is not None and m.weight.grad is not None else m.weight.grad
-    return linear(x, m.weight, True, m.bias, m.weight_lp if cached else None, acc, token)
+    return linear(x, m.weight, True, m.bias, m.weight_lp if cached else None,
+                  m.weight.grad if token is not None else None, token)
 
 
 def kept_buffer(buf: torch.Tensor | None, part: nn.Linear) -> torch.Tensor | None:

@@ -50,8 +50,8 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             (loss / accum).backward()
         loss_sum += loss.detach()
     for m in raw.modules():  # the GEMMs' d(W diag g) into d W and d g (luca/model.py, fold_norms)
-        if hasattr(m, "finish_grads"):
-            m.finish_grads()
+        if hasattr(m, "unfold_norm_grads"):
+            m.unfold_norm_grads()
     if fold_clip:
         gnorm, ok = _fold_clip(raw, opt, loss_sum, grad_clip, world)
         opt.step()

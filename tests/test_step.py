@@ -162,12 +162,10 @@ def test_kept_gradients_are_added_by_the_gemms_and_train_as_autograds_adds(compi
     another order), the buffers must stay the same tensors, zeroed between steps, and the ops must
     really run inside compiled graphs (their zero results reach `grad_token`). Also with activation
     checkpointing, where a compiled trunk saves the tied embedding's buffer that the head's GEMM
-    adds into before the trunk's backward reads it. And with `wgrad_split`: the narrow projections'
-    GEMMs split four ways along the tokens into four accumulators, summed once a step."""
-    for fuse, ckpt, split in ((False, False, 1), (True, False, 1), (True, True, 1), (True, False, 4)):
+    adds into before the trunk's backward reads it."""
+    for fuse, ckpt in ((False, False), (True, False), (True, True)):
         torch._dynamo.reset()  # past its recompile limit, dynamo would quietly run the later models eagerly
         a, b = _cached_pair(fuse)
-        b.wgrad_split = split
         a.gradient_checkpointing = b.gradient_checkpointing = ckpt
         if ckpt:  # without cached weights: the head then reads the FP32 weight, which the trunk saved
             a.cache_weights(False)
@@ -188,10 +186,6 @@ def test_kept_gradients_are_added_by_the_gemms_and_train_as_autograds_adds(compi
             torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{n} {ckpt}")
             assert pa.grad is None and pb.grad is kept[n] and not pb.grad.any(), n
         assert b.grad_token.grad is not None  # the ops' results flowed back: they ran
-        down = b.model.layers[0].mlp.down_proj
-        assert (down.grad_split is not None) == (split > 1)
-        if split > 1:
-            assert down.weight.grad.data_ptr() == down.grad_split.data_ptr() and not down.grad_split.any()
         if fuse:
             mlp = b.model.layers[0].mlp
             assert mlp.gate_proj.weight.grad.data_ptr() == mlp.gate_up_grad.data_ptr()
@@ -276,7 +270,7 @@ def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt
     if keep:
         a.keep_grads()
     if broken == "unfold":  # the step forgets to turn d(W diag g) into d W and d g
-        a.finish_grads = lambda: None
+        a.unfold_norm_grads = lambda: None
     opt = _Recorder(a.parameters(), lr=0.05)
     opt.look = (lambda: _stale_folded_copy(a)) if fold else opt.look  # before this step's update
     step = Stepper(torch.compile(a) if compiled else a, a, opt, 0.0, torch.autocast("cpu", dtype=torch.bfloat16),
@@ -293,7 +287,7 @@ def _folded_grads(compiled: bool, fold: bool, keep: bool, broken: str = "", ckpt
 def test_norm_weights_folded_into_the_cached_gemm_weights_give_the_norms_gradients(compiled):
     """`fold_norms`: the blocks' norms give x̂ and the fused GEMMs read bf16(W diag g), cast once per
     step; with kept gradients the GEMMs add d(W diag g) into their own buffer, turned into d W and d g
-    once per step (`finish_grads`), and without kept gradients autograd differentiates W diag g.
+    once per step (`unfold_norm_grads`), and without kept gradients autograd differentiates W diag g.
     The two ways agree to FP32 rounding (kept, also with activation checkpointing, whose recompute
     must fold as the forward did), and every parameter's gradient, norms' weights included,
     equals the unfolded model's to BF16 rounding (the fold rounds other products), over 2 steps;
