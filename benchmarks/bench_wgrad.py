@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from luca import kernels
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from luca import kernels  # noqa: E402
 
 TOKENS, LAYERS, D, FF = 12 * 1024, 12, 768, 2048
 SHAPES = {  # name: (out, in) of the weight
