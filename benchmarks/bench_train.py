@@ -258,6 +258,12 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
         raw.cache_weights(settings.get("cache", True))
     if raw.grads_kept:  # so do the kept gradients
         raw.keep_grads(settings.get("keep", True))
+    if os.environ.get("BENCH_ROPE"):  # RoPE's backward: rows per program, warps (bench_bwd_kernels.py)
+        from luca import kernels
+        kernels.ROPE_BT, kernels.ROPE_WARPS = map(int, os.environ["BENCH_ROPE"].split(","))
+    if os.environ.get("BENCH_SWIGLU"):  # SwiGLU's backward: tile rows, columns, warps
+        from luca import kernels
+        kernels.SWIGLU_BM, kernels.SWIGLU_BN, kernels.SWIGLU_WARPS = map(int, os.environ["BENCH_SWIGLU"].split(","))
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))

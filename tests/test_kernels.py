@@ -128,15 +128,17 @@ def _rope_reference(qkv, cos, sin, h, kv):
 
 @pytest.mark.parametrize("path", ["kernel", "fallback"])
 @pytest.mark.parametrize("d", [16, 12])  # half a head 8 (a power of two) and 6 (the kernel masks its tile)
-def test_rope_qkv_gradient_matches_autograd(path, d, monkeypatch):
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)])  # 3: the kernel's tile of all heads is masked too
+def test_rope_qkv_gradient_matches_autograd(path, d, heads, monkeypatch):
     """The fused q/k/v projection's RoPE: same q, k, v as `apply_rope`; its backward (luca's kernel,
     or the plain fallback) gives autograd's gradient, from gradients in SDPA's (B, H, T, D) layout,
-    with grouped k/v heads and a sequence longer than one kernel tile."""
+    with grouped k/v heads, head counts that are not a power of two, and a sequence longer than one
+    kernel tile."""
     from luca.model import rope_cos_sin
     if path == "fallback":
         monkeypatch.setattr(kernels, "available", lambda device: False)
     g = torch.Generator().manual_seed(4)
-    B, T, H, KV = 2, 70, 4, 2
+    B, T, (H, KV) = 2, 70, heads
     qkv = torch.randn(B, T, (H + 2 * KV) * d, generator=g, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), d, 10000.0, torch.float32)
     from luca.model import RopeQKV
