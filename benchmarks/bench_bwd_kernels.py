@@ -32,7 +32,7 @@ from luca import kernels  # noqa: E402
 from luca.model import rope_cos_sin  # noqa: E402
 
 B, T, H, D, FF, LAYERS = 12, 1024, 12, 64, 2048, 12
-ROPE = [(bt, w) for bt in (4, 8, 16, 32) for w in (2, 4, 8)]
+ROPE = [(bt, w) for bt in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
 SWIGLU = [(bm, bn, w) for bm, bn in ((32, 128), (16, 256), (64, 128), (32, 256), (64, 64), (128, 64))
           for w in (4, 8)]
 

@@ -112,28 +112,24 @@ def _kernels():
 
     @triton.jit
     def rope_bwd(src, s_b, s_t, s_h, s_d, cos, sin, c_b, c_t, c_d, out, o_t, o_col, T, NH, HALF,
-                 BH: tl.constexpr, BT: tl.constexpr, NHP: tl.constexpr, ROTATE: tl.constexpr):
-        """A (BT rows, all NH heads, 2·HALF) tile of d q (or d k: ROTATE, the inverse rotation; d v:
-        copied) into its columns of the fused projection's gradient. Whole rows of all heads per
-        program: the two half-head loads together cover each row's bytes, and cos/sin are read once
-        per row for every head."""
+                 BH: tl.constexpr, BT: tl.constexpr, ROTATE: tl.constexpr):
+        """One head's (BT, 2·HALF) tile of d q (or d k: ROTATE, the inverse rotation; d v: copied)
+        into its columns of the fused projection's gradient."""
         t = tl.program_id(1) * BT + tl.arange(0, BT).to(tl.int64)
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.arange(0, NHP).to(tl.int64)
+        b = (tl.program_id(0) // NH).to(tl.int64)
+        h = (tl.program_id(0) % NH).to(tl.int64)
         d = tl.arange(0, BH)
-        t3, h3, d3 = t[:, None, None], h[None, :, None], d[None, None, :]
-        mask = (t3 < T) & (h3 < NH) & (d3 < HALF)
-        p = src + b * s_b + t3 * s_t + h3 * s_h + d3 * s_d
+        mask = (t < T)[:, None] & (d < HALF)[None, :]
+        p = src + b * s_b + h * s_h + t[:, None] * s_t + d[None, :] * s_d
         y1 = tl.load(p, mask=mask).to(tl.float32)
         y2 = tl.load(p + HALF * s_d, mask=mask).to(tl.float32)
         if ROTATE:  # forward: x1·c1 − x2·s1, x2·c2 + x1·s2
-            cm = (t3 < T) & (d3 < HALF)
-            c = b * c_b + t3 * c_t + d3 * c_d  # (BT, 1, BH): the same for every head
-            x1 = y1 * tl.load(cos + c, mask=cm).to(tl.float32) + y2 * tl.load(sin + c + HALF * c_d, mask=cm).to(tl.float32)
-            x2 = y2 * tl.load(cos + c + HALF * c_d, mask=cm).to(tl.float32) - y1 * tl.load(sin + c, mask=cm).to(tl.float32)
+            c = b * c_b + t[:, None] * c_t + d[None, :] * c_d
+            x1 = y1 * tl.load(cos + c, mask=mask).to(tl.float32) + y2 * tl.load(sin + c + HALF * c_d, mask=mask).to(tl.float32)
+            x2 = y2 * tl.load(cos + c + HALF * c_d, mask=mask).to(tl.float32) - y1 * tl.load(sin + c, mask=mask).to(tl.float32)
         else:
             x1, x2 = y1, y2
-        o = out + (b * T + t3) * o_t + o_col + h3 * (2 * HALF) + d3
+        o = out + (b * T + t[:, None]) * o_t + o_col + h * (2 * HALF) + d[None, :]
         tl.store(o, x1.to(out.dtype.element_ty), mask=mask)
         tl.store(o + HALF, x2.to(out.dtype.element_ty), mask=mask)
 
@@ -344,10 +340,9 @@ def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     col = 0
     for g, rotate in ((dq, True), (dk, True), (dv, False)):
         nh = g.shape[2]
-        _kernels()["rope_bwd"][(B, _cdiv(T, ROPE_BT))](  # B on the axis without CUDA's 65,535 cap
+        _kernels()["rope_bwd"][(B * nh, _cdiv(T, ROPE_BT))](  # B·heads on the axis without CUDA's 65,535 cap
             g, *g.stride(), cos, sin, *cos.stride(), out, out.stride(1), col, T, nh,
-            D // 2, BH=1 << (D // 2 - 1).bit_length(), BT=ROPE_BT, NHP=1 << (nh - 1).bit_length(),
-            ROTATE=rotate, num_warps=ROPE_WARPS)
+            D // 2, BH=1 << (D // 2 - 1).bit_length(), BT=ROPE_BT, ROTATE=rotate, num_warps=ROPE_WARPS)
         col += nh * D
     return out
 
