@@ -4,7 +4,8 @@ Measures, on one GPU and in one run (under a minute on an H100):
 - the peer: the head GEMM and `F.cross_entropy` over its FP32-cast logits under `torch.compile`
   (luca's previous `loss_impl = "full"`, and what nanoGPT / transformers do);
 - luca's fused head (`loss_impl = "fused"`, luca/kernels.py) for several tiles and warp counts;
-- the three GEMMs alone (logits, d h, d W): the floor of any head that materialises logits.
+- the three GEMMs alone (logits, d h, d W): the floor of any head that materialises logits;
+- on GPUs with FP8 GEMMs, the same for luca's FP8 head (luca/fp8_head.py) and several of its tiles.
 Each line reports ms per forward + backward (CUDA events, median of 20 after warm-up), the share
 above the GEMMs' floor, and the largest error of the loss and of both gradients against an FP32
 reference of the same BF16 inputs.
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from luca import kernels  # noqa: E402
+from luca import fp8_head, kernels  # noqa: E402
 
 DEV = "cpu" if os.environ.get("BENCH_SMOKE") else "cuda"
 
@@ -116,6 +117,8 @@ def main() -> None:
         rows.append({"path": f"luca fused, tile {block}, {warps} warps, "
                              f"{f'{programs} programs/SM' if programs else 'a program per row'}",
                      "ms": ms, "err": e, "config": [block, warps, programs]})
+    if DEV != "cuda" or fp8_head.supported(torch.device(DEV)):
+        fp8_rows(rows, h, w, t, grads, err)
     peer = rows[1]["ms"]
     best = min((r for r in rows if "config" in r), key=lambda r: r["ms"])
     print(f"\nhead + cross-entropy, forward and backward: {n} tokens × {v} vocab × {d} wide, BF16, "
@@ -127,9 +130,53 @@ def main() -> None:
         print(f"| {r['path']} | {r['ms']:.3f} | {peer / r['ms']:.2f}× | {r['ms'] - floor:.3f} | {e} |")
     print(f"\nbest: {','.join(map(str, best['config']))}  (tile, warps, programs per SM); torch.mm out_dtype: "
           f"{kernels.MM_OUT_DTYPE and DEV == 'cuda'}")
+    f8 = [r for r in rows if "fp8" in r]
+    if f8:
+        b8 = min(f8, key=lambda r: r["ms"])
+        print(f"best FP8: {','.join(map(str, b8['fp8']))}  (rows, tile, warps; fast-accumulating backward)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                                                "shape": [n, v, d], "rows": rows}, indent=1))
+
+
+def fp8_rows(rows: list, h, w, t, grads, err) -> None:
+    """The FP8 head (luca/fp8_head.py): its three GEMMs alone, then the whole head with the weight's
+    e4m3 copies made once (as training makes them once per step) for several kernel tiles."""
+    with torch.no_grad():
+        wq = fp8_head.FP8Weight.of(w)
+        h8, sh = fp8_head.to_e4m3(h)
+        g8 = torch.zeros(h.shape[0], w.shape[0], device=h.device).to(torch.float8_e5m2)
+        gt8, ht8 = g8.t().contiguous(), h8.t().contiguous()
+
+    def gemms8(fast_bwd: bool):
+        mm = fp8_head._mm
+        mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
+        mm(g8, wq.wt8.t(), sh, wq.scale, torch.bfloat16, fast_bwd)
+        mm(gt8, ht8.t(), sh, sh, torch.float32, fast_bwd)
+    for fast in (False, True):
+        rows.append({"path": f"three FP8 GEMMs alone{', fast accumulation' if fast else ''}",
+                     "ms": timed(lambda: gemms8(fast))})
+    configs = [(32, 256, 8), (32, 512, 8), (16, 512, 8), (32, 128, 4), (64, 256, 8), (16, 256, 4), (32, 256, 4)]
+    if DEV != "cuda":
+        configs = configs[:1]
+    default = fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS
+    for cfg in configs + [configs[0] + (True,)]:
+        bm, block, warps = cfg[:3]
+        fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = bm, block, warps
+        fp8_head.FAST_ACCUM_BACKWARD = len(cfg) > 3
+
+        def head8():
+            return fp8_head.linear_cross_entropy_fp8(h, w, t, cached=wq)
+        try:
+            ms, e = timed(lambda: grads(head8)), err(grads(head8))
+        except Exception as ex:  # noqa: BLE001 - a config that does not compile
+            log(f"FP8 {cfg}: {str(ex).splitlines()[0][:120]}")
+            continue
+        rows.append({"path": f"luca FP8 head, {bm} rows × {block}, {warps} warps"
+                             f"{', fast-accumulating backward' if len(cfg) > 3 else ''}",
+                     "ms": ms, "err": e, "fp8": list(cfg[:3]) + [len(cfg) > 3]})
+    fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = default
+    fp8_head.FAST_ACCUM_BACKWARD = False
 
 
 if __name__ == "__main__":

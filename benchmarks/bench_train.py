@@ -60,6 +60,7 @@ VARIANTS = {  # name: (what it is, worker settings)
                              {"compiled_swiglu": True}),
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
     "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
+    "luca-fp8-head": ("luca with the head's three GEMMs in FP8 (train.fp8_head, luca/fp8_head.py)", {"fp8_head": True}),
     "luca-norm-weights": ("luca with the norms' weights applied by the norms, not folded into the GEMMs' "
                           "cached weights (train.fold_norms = false)", {"fold_norms": False}),
     "luca-cudagraphs": ("luca compiled with mode=reduce-overhead instead of the whole-step graph",
@@ -248,7 +249,7 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
         raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", True), wgrad32=settings.get("wgrad32", True),
-                             fold_norms=settings.get("fold_norms", True))
+                             fold_norms=settings.get("fold_norms", True), fp8_head=settings.get("fp8_head", False))
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False

@@ -127,6 +127,8 @@ def main() -> None:
             run("train-bf16-residual", bf16_residual=True, seed=seed)
         if "unfused-qkv" in runs:  # q, k, v as three GEMMs, RoPE's backward compiled (train.fuse_qkv)
             run("train-unfused-qkv", fuse_qkv=False, seed=seed)
+        if "fp8-head" in runs:  # the head's GEMMs in FP8 (train.fp8_head, luca/fp8_head.py)
+            run("train-fp8-head", fp8_head=True, seed=seed)
         if "unfolded-norms" in runs:  # the norms apply their own weights (train.fold_norms = false)
             run("train-unfolded-norms", fold_norms=False, seed=seed)
         if "autograd-accum" in runs:  # autograd adds each micro-batch's gradients (train.accum_in_gemm)

@@ -4,7 +4,8 @@ What is notable (each method's docstring has the measurements):
 - `set_gpu_training`: gate/up and q/k/v as one GEMM each, FP32 weight gradients out of the GEMMs,
   optionally a BF16 residual stream, and `fold_norms`.
 - `cache_weights` / `refresh_weights`: BF16 copies of the weights made once per optimizer step;
-  with `fold_norms` a fused GEMM's copy carries the norm before it (bf16(W diag g)).
+  with `fold_norms` a fused GEMM's copy carries the norm before it (bf16(W diag g)); with
+  `fp8_head` the head's weight in e4m3 too.
 - `keep_grads`: gradients stay allocated and the GEMMs add into them; `unfold_norm_grads` turns
   the folded GEMMs' d(W diag g) into d W and d g once per step.
 - The modules hold the state these set (luca.model's Attention and MLP: `fused`, `cached`,
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from luca import fp8_head as fp8
 
 
 def _stacked(ws: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -35,7 +38,7 @@ class GpuTraining:
     """Mixed into luca.model.Transformer (module docstring)."""
 
     def set_gpu_training(self, on: bool = True, fuse_qkv: bool = True, bf16_residual: bool = False,
-                         wgrad32: bool = True, fold_norms: bool = True) -> None:
+                         wgrad32: bool = True, fold_norms: bool = True, fp8_head: bool = False) -> None:
         """Fused gate/up and q/k/v GEMMs, optionally a BF16 residual stream under autocast (luca.train
         sets them on CUDA: benchmarks/bench_train.py). Same parameters and state dict either way.
         Projections replaced by other modules (LoRA adapters) are left unfused.
@@ -61,8 +64,14 @@ class GpuTraining:
         already multiplied by it (y = x̂ (W diag g)ᵀ, the same product). The norms' backward then
         sums no weight gradient over the tokens: with `keep_grads` the GEMMs add d(W diag g) into
         their own buffer, and `unfold_norm_grads` turns that into d W and d g once per step, since W
-        and g do not change within it. Call `cache_weights` and `keep_grads` after this."""
+        and g do not change within it. Call `cache_weights` and `keep_grads` after this.
+
+        `fp8_head` (train.fp8_head): the head's three GEMMs in FP8 where the device has FP8 GEMMs
+        (luca/fp8_head.py); elsewhere the BF16 head."""
         self.low_precision_residual = on and bf16_residual
+        head = self.lm_head
+        self.fp8_head = (on and fp8_head and type(head) is nn.Linear and head.bias is None
+                         and fp8.supported(head.weight.device))
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             a.fused = on and fuse_qkv and all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -107,6 +116,7 @@ class GpuTraining:
             self._cached_pairs += [(lin.weight_lp, lin.weight) for lin in lins if a.cached]
         head.weight_lp = torch.empty_like(head.weight, dtype=dtype) if on else None
         self._cached_pairs += [(head.weight_lp, head.weight)] if on else []
+        head.weight_f8 = fp8.FP8Weight(head.weight) if on and self.fp8_head else None  # e4m3 copies (fp8_head)
         self.refresh_weights()
 
     def keep_grads(self, on: bool = True) -> None:
@@ -163,6 +173,8 @@ class GpuTraining:
             torch._foreach_copy_([c for c, _ in self._cached_pairs], [w for _, w in self._cached_pairs])
         for c, w, g in self._folded_pairs:
             torch.mul(w, g, out=c)
+        if getattr(self.lm_head, "weight_f8", None) is not None:
+            self.lm_head.weight_f8.refresh(self.lm_head.weight)
 
     @torch.no_grad()
     def unfold_norm_grads(self) -> None:

@@ -7,7 +7,8 @@ What is notable:
   recomputed in the backward pass.
 - "full": all logits and a plain cross-entropy, which `torch.compile` fuses into few kernels.
 - "fused" (luca train's default on CUDA): the head GEMM with luca's own Triton cross-entropy
-  kernel, which writes the logits' gradient over them in the forward pass (luca/kernels.py).
+  kernel, which writes the logits' gradient over them in the forward pass (luca/kernels.py); with
+  `fp8`, its three GEMMs in FP8 (luca/fp8_head.py).
 """
 from __future__ import annotations
 
@@ -17,18 +18,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from luca import kernels
+from luca import fp8_head, kernels
 
 
 def head_loss(impl: str, h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str,
-              cached: bool = False, into: bool = False) -> torch.Tensor:
+              cached: bool = False, into: bool = False, fp8: bool = False) -> torch.Tensor:
     """The cross-entropy of the head's logits by `loss_impl` (module docstring).
     `cached`: the kernel reads the head's weight cast once per step (Transformer.cache_weights);
-    `into`: its GEMM adds the weight's gradient into the kept `.grad` (Transformer.keep_grads)."""
+    `into`: its GEMM adds the weight's gradient into the kept `.grad` (Transformer.keep_grads);
+    `fp8`: the fused head's GEMMs in FP8 (luca/fp8_head.py; Transformer.set_gpu_training)."""
     if reduction != "none":
         if impl == "fused" and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             if torch.is_autocast_enabled(h.device.type):  # cast here, where the compiler fuses it with the norm
                 h = h.to(torch.get_autocast_dtype(h.device.type))
+            if fp8:
+                return fp8_head.linear_cross_entropy_fp8(h, head.weight, targets, reduction,
+                                                         getattr(head, "weight_f8", None) if cached else None,
+                                                         head.weight.grad if into else None)
             return kernels.linear_cross_entropy(h, head.weight, targets, reduction,
                                                 head.weight_lp if cached else None,
                                                 head.weight.grad if into else None)

@@ -397,6 +397,7 @@ class Transformer(GpuTraining, nn.Module):
         self.gradient_checkpointing = False
         self.loss_impl = "chunked"  # or "full": see the module docstring
         self.low_precision_residual = False  # the residual stream in the autocast dtype (set_gpu_training)
+        self.fp8_head = False  # the fused head's GEMMs in FP8 (set_gpu_training, luca/fp8_head.py)
         self._cached_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision copy, weight)
         self._folded_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (copy, weight, norm's weight)
         self.grad_token: torch.Tensor | None = None  # set while gradients are kept (keep_grads)
@@ -474,4 +475,5 @@ class Transformer(GpuTraining, nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.weights_cached, self.grads_kept)
+        return head_loss(self.loss_impl, h, self.lm_head, targets, reduction, self.weights_cached, self.grads_kept,
+                         self.fp8_head)

@@ -88,6 +88,7 @@ class TrainConfig:
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
     accum_in_gemm: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients into kept buffers
     fold_norms: bool = True  # with cast_once: the blocks' norm weights ride in the cached GEMM weights (luca/model.py)
+    fp8_head: bool = False  # CUDA with FP8 GEMMs (Ada, Hopper+): the head's three GEMMs in FP8 (luca/fp8_head.py)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
@@ -332,7 +333,8 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Di
     raw.loss_impl = cfg.loss_impl if cfg.loss_impl != "auto" else "fused" if device.type == "cuda" else "chunked"
     if device.type == "cuda" and hasattr(trunk := getattr(raw, "trunk", raw), "set_gpu_training"):
         # one GEMM for gate and up, one for q, k and v (luca/model.py)
-        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual, fold_norms=cfg.fold_norms)
+        trunk.set_gpu_training(fuse_qkv=cfg.fuse_qkv, bf16_residual=cfg.bf16_residual, fold_norms=cfg.fold_norms,
+                               fp8_head=cfg.fp8_head and raw.loss_impl == "fused")
         # BF16 accumulation on one process: work done once per step serves all its micro-batches
         one_accum = cfg.dtype == "bf16" and dd.world == 1 and cfg.batch_tokens > cfg.micro_batch * cfg.seq_len
         if cfg.cast_once and one_accum and hasattr(trunk, "cache_weights"):

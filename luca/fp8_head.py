@@ -1,0 +1,192 @@
+"""The language-model head's training GEMMs in FP8 (`train.fp8_head`), with its cross-entropy kernel.
+
+What is notable:
+- At the GPT-2-small shape the head is a third of a step's GEMM work (three GEMMs of 12,288 ×
+  50,304 × 768 a micro-batch). Hopper and Ada run FP8 GEMMs at about twice the BF16 rate, so the
+  head's logits, d h and d W all run as `torch._scaled_mm` with per-tensor scales, as the NanoGPT
+  speedrun's record runs do for their head. The trunk stays BF16.
+- Operands: h and the weight in e4m3, each scaled by its own absolute maximum (h per micro-batch;
+  the weight once per optimizer step when the weights are cached, `Transformer.cache_weights`).
+- The gradient of the logits, softmax − one-hot, lies in [−1, 1], so it needs no measured scale:
+  the kernel writes it times 2¹⁵ in e5m2 (largest 57,344; the smallest step below 1 it keeps is
+  2⁻³¹), and the mean's 1 / count and the upstream gradient ride in the GEMMs' scale instead.
+- FP8 GEMMs on these chips take both operands K-major, so d h wants the gradient row-major and
+  d W wants it transposed. The kernel works on tiles of FP8_BM rows and writes both layouts from
+  registers: one byte each, as many bytes as the BF16 kernel's one gradient (luca/kernels.py),
+  and no transpose pass.
+- The logits come out of the GEMM in BF16 and the softmax is computed in FP32, as in the BF16 head.
+- CPUs run the same code (torch's CPU `_scaled_mm`, Triton's interpreter with `TRITON_INTERPRET=1`):
+  that is how the tests check it.
+"""
+from __future__ import annotations
+
+import torch
+
+from luca.kernels import IGNORE, available
+
+# Rows per program, columns per tile and warps of the cross-entropy kernel (benchmarks/bench_head.py).
+FP8_BM, FP8_BLOCK, FP8_WARPS = 32, 256, 8
+G_SCALE = 2.0 ** 15  # the logits' gradient times this in e5m2 (module docstring)
+E4M3_MAX = 448.0
+FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,304 logits: full-precision accumulation
+_KERNEL: dict = {}
+
+
+def supported(device: torch.device) -> bool:
+    """FP8 GEMMs: a CUDA device of compute capability 8.9 or later (Ada, Hopper, Blackwell), or
+    Triton's interpreter on a CPU."""
+    if not available(device):
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _kernel():
+    if _KERNEL:
+        return _KERNEL["ce"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_rows_fp8(logits, stride, targets, losses, g8, gt8, N, V, G: tl.constexpr,
+                    BM: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        rmask = rows < N
+        cols = tl.arange(0, BLOCK)
+        t = tl.load(targets + rows, mask=rmask, other=-100)
+        valid = t != -100
+        t = tl.where(valid, t, 0)
+        base = logits + rows[:, None] * stride
+        # Pass 1: each row's online log-sum-exp (rows past N stay NaN and are never stored).
+        m = tl.full([BM], float("-inf"), tl.float32)
+        s = tl.zeros([BM], tl.float32)
+        for off in range(0, V, BLOCK):
+            c = off + cols
+            mask = rmask[:, None] & (c < V)[None, :]
+            x = tl.load(base + c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(s)
+        picked = tl.load(logits + rows * stride + t, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(losses + rows, tl.where(valid, lse - picked, 0.0), mask=rmask)
+        # Pass 2: (softmax − one-hot) · G in e5m2, row-major and transposed.
+        keep = valid.to(tl.float32) * G
+        for off in range(0, V, BLOCK):
+            c = off + cols
+            mask = rmask[:, None] & (c < V)[None, :]
+            x = tl.load(base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None])
+            g = tl.where(c[None, :] == t[:, None], g - 1.0, g) * keep[:, None]
+            # Round to e5m2's 2 mantissa bits here (to nearest, ties to even, on the FP32 bits), so the
+            # conversion below is exact: Triton's interpreter, which the tests run, drops the carry into
+            # the next binade when it rounds (1.97 → 1.0); a GPU's conversion rounds the same as this.
+            b = g.to(tl.int32, bitcast=True)
+            b = (b + 0xFFFFF + ((b >> 21) & 1)) & -0x200000
+            g = b.to(tl.float32, bitcast=True)
+            tl.store(g8 + rows[:, None] * V + c[None, :], g.to(g8.dtype.element_ty), mask=mask)
+            tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(g).to(gt8.dtype.element_ty),
+                     mask=tl.trans(mask))
+
+    _KERNEL["ce"] = ce_rows_fp8
+    return ce_rows_fp8
+
+
+def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row losses (FP32, 0 where ignored) of `logits` (N, V), and (softmax − one-hot) · G_SCALE
+    in e5m2 twice: (N, V) and its transpose (V, N), both contiguous. Ignored rows' gradient is 0."""
+    if logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous along the vocabulary")
+    n, v = logits.shape
+    losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+    g8 = torch.empty(n, v, dtype=torch.float8_e5m2, device=logits.device)
+    gt8 = torch.empty(v, n, dtype=torch.float8_e5m2, device=logits.device)
+    if n:
+        _kernel()[(-(-n // FP8_BM),)](logits, logits.stride(0), targets.contiguous(), losses, g8, gt8, n, v,
+                                      G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK, num_warps=FP8_WARPS)
+    return losses, g8, gt8
+
+
+def to_e4m3(x: torch.Tensor, out: torch.Tensor | None = None,
+            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, s) with x ≈ x8 · s: x in e4m3 scaled by its absolute maximum (s, FP32 of one element).
+    `out` / `scale` are filled in place when given (the cached weight, refreshed inside a CUDA graph)."""
+    s = (x.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30).reshape(1)
+    x8 = (x.detach().float() / s).to(torch.float8_e4m3fn)
+    if out is None:
+        return x8, s
+    out.copy_(x8)
+    scale.copy_(s)
+    return out, scale
+
+
+class FP8Weight:
+    """A head weight (V, D) in e4m3 in both layouts and its scale, refreshed once per optimizer step."""
+
+    def __init__(self, weight: torch.Tensor):
+        v, d = weight.shape
+        self.w8 = torch.empty(v, d, dtype=torch.float8_e4m3fn, device=weight.device)  # logits: B = w8ᵀ
+        self.wt8 = torch.empty(d, v, dtype=torch.float8_e4m3fn, device=weight.device)  # d h: B = wt8ᵀ
+        self.scale = torch.ones(1, dtype=torch.float32, device=weight.device)
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        to_e4m3(weight, self.w8, self.scale)
+        self.wt8.copy_(self.w8.t())
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "FP8Weight":
+        made = cls(weight)
+        made.refresh(weight)
+        return made
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, dtype: torch.dtype,
+        fast: bool) -> torch.Tensor:
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=dtype, use_fast_accum=fast)
+
+
+class _LinearCE8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, mean: bool, cached, acc):
+        wq = cached if cached is not None else FP8Weight.of(weight)
+        h8, sh = to_e4m3(h)
+        logits = _mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
+        count = (targets != IGNORE).sum().clamp(min=1)  # a tensor: reading it back would sync
+        scale = (1.0 / count.float()) if mean else torch.ones((), device=h.device)
+        losses, g8, gt8 = cross_entropy_fp8(logits, targets)
+        del logits
+        ctx.save_for_backward(h8, sh, g8, gt8, scale)
+        ctx.wq, ctx.acc = wq, acc
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.needs = (h.requires_grad, weight.requires_grad)
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h8, sh, g8, gt8, scale = ctx.saved_tensors
+        wq = ctx.wq
+        sg = (scale * grad_out.float() / G_SCALE).reshape(1)  # all of d loss / d logits' scale
+        gh = gw = None
+        if ctx.needs[0]:
+            gh = _mm(g8, wq.wt8.t(), sg, wq.scale, torch.bfloat16, FAST_ACCUM_BACKWARD).to(ctx.dtypes[0])
+        if ctx.needs[1]:
+            dw = _mm(gt8, h8.t().contiguous().t(), sg, sh, torch.float32, FAST_ACCUM_BACKWARD)
+            if ctx.acc is not None:
+                ctx.acc.data.add_(dw)  # .data: as kernels.mm_into, the kept gradient's version stays
+            else:
+                gw = dw.to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None
+
+
+@torch.compiler.disable  # eager between compiled graphs; the CUDA graph of a step holds it
+def linear_cross_entropy_fp8(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             reduction: str = "mean", cached: FP8Weight | None = None,
+                             acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of `h @ weight.T` (h: (..., D), weight: (V, D)) against `targets` (...), mean
+    over counted targets or their sum, with the three GEMMs in FP8 (module docstring). `cached`:
+    the weight's e4m3 copies made once per step; `acc`: the weight's kept FP32 gradient, added to."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCE8.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), reduction == "mean",
+                                cached, acc)

@@ -1,0 +1,127 @@
+"""luca/fp8_head.py: the head's GEMMs in FP8 and its cross-entropy kernel, run by Triton's interpreter
+on CPU tensors (torch's CPU `_scaled_mm`), checked against FP32 cross-entropy and autograd."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from luca import fp8_head  # noqa: E402
+from luca.model import ModelConfig, Transformer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py, before triton is imported
+
+
+def test_rows_give_the_loss_and_both_layouts_of_the_fp8_gradient():
+    # 40 rows: a second program of 32 with only 8 real rows; 700 logits: tiles that do not divide it
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(40, 700, generator=g) * 4).bfloat16()
+    t = torch.randint(0, 700, (40,), generator=g)
+    t[1] = t[37] = -100
+    losses, g8, gt8 = fp8_head.cross_entropy_fp8(x, t)
+    ref = F.cross_entropy(x.float(), t, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
+    assert g8.dtype == gt8.dtype == torch.float8_e5m2 and g8.shape == (40, 700) and gt8.shape == (700, 40)
+    assert torch.equal(gt8.float(), g8.float().t())  # the same values, transposed
+    want = (torch.softmax(x.float(), -1) - F.one_hot(t.clamp(min=0), 700)) * (t != -100)[:, None]
+    got = g8.float() / fp8_head.G_SCALE
+    # within one e5m2 step (2 mantissa bits), or below its smallest subnormal once scaled
+    near = (got - want).abs() <= want.abs() * 2 ** -2 + 2 ** -16 / fp8_head.G_SCALE
+    # Triton's interpreter (3.9) drops the carry when rounding up crosses into the next binade
+    # (1.97 → 1.0, not 2.0); a GPU's conversion does not
+    ref8 = (want * fp8_head.G_SCALE).to(torch.float8_e5m2).float() / fp8_head.G_SCALE
+    carry = (got * 2 == ref8) & (torch.frexp(ref8).mantissa.abs() == 0.5)
+    assert (near | carry).all() and near.float().mean() > 0.8
+    assert (g8[1].float() == 0).all() and (g8[37].float() == 0).all() and losses[1] == losses[37] == 0
+    picked = got[torch.arange(40), t.clamp(min=0)]
+    assert (picked[t != -100] < 0).all()  # the target's entry carries the − 1
+
+
+def _problem(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 40, 32, generator=g, requires_grad=True)
+    w = (torch.randn(320, 32, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 320, (2, 40), generator=g)
+    t[0, :5] = -100
+    return h, w, t
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_and_gradients_close_to_fp32_autograd(reduction):
+    h, w, t = _problem()
+    loss = fp8_head.linear_cross_entropy_fp8(h, w, t, reduction)
+    (loss * 3).backward()
+    got = loss.detach(), h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(F.linear(h, w).view(-1, 320), t.view(-1), ignore_index=-100, reduction=reduction)
+    (ref * 3).backward()
+    assert _rel(got[0], ref.detach()) < 0.02  # e4m3 operands: 3 mantissa bits each
+    for a, b in zip(got[1:], (h.grad, w.grad)):
+        assert _rel(a, b) < 0.1
+        assert F.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.99
+
+
+def test_cached_weight_and_kept_gradient_give_the_same_result():
+    """The weight's e4m3 copies made once (FP8Weight) and the weight gradient added into a kept FP32
+    buffer: the same numbers as the per-call cast and autograd's gradient."""
+    h, w, t = _problem(3)
+    loss = fp8_head.linear_cross_entropy_fp8(h, w, t)
+    loss.backward()
+    ref = loss.detach(), h.grad.clone(), w.grad.clone()
+    h.grad = None
+    acc = torch.ones_like(w)
+    loss = fp8_head.linear_cross_entropy_fp8(h, w, t, cached=fp8_head.FP8Weight.of(w), acc=acc)
+    w.grad = None
+    loss.backward()
+    assert w.grad is None  # went into acc instead
+    assert torch.equal(loss.detach(), ref[0]) and torch.equal(h.grad, ref[1])
+    torch.testing.assert_close(acc - 1, ref[2], rtol=1e-6, atol=1e-7)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradients():
+    h = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(48, 16, requires_grad=True)
+    loss = fp8_head.linear_cross_entropy_fp8(h, w, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0 and (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_training_with_the_fp8_head_follows_the_bf16_head():
+    """A tiny tied-embedding Transformer, GPU switches on, weights cached and gradients kept as luca
+    train has them on one GPU: the FP8 head's loss curve stays within 3% of the BF16 head's."""
+    cfg = ModelConfig(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                      tie_embeddings=True)
+    data = torch.randint(0, 256, (1, 4, 17), generator=torch.Generator().manual_seed(3)).expand(8, 4, 17)
+    curves = {}
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        m = Transformer(cfg)
+        m.loss_impl = "fused"
+        m.set_gpu_training(True, fp8_head=fp8)
+        m.cache_weights()
+        m.keep_grads()
+        assert m.fp8_head == fp8 and (m.lm_head.weight_f8 is not None) == fp8
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        curve = []
+        for batch in data:  # one batch again and again: the loss must fall
+            m.refresh_weights()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            m.unfold_norm_grads()
+            opt.step()
+            for p in m.parameters():
+                p.grad.zero_()
+            curve.append(loss.item())
+        curves[fp8] = curve
+    assert curves[True][-1] < curves[True][0] - 1
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=3e-2, atol=0)
