@@ -12,7 +12,8 @@ One run (under 10 minutes on an H100) measures, in this order:
    (whole-model `torch.compile`, fused AdamW with the clip folded in and on-device step skipping,
    FlashAttention through SDPA, one GEMM each for q/k/v and gate/up, the head's cross-entropy and
    the backward passes of RoPE and SwiGLU in luca's Triton kernels, the whole step replayed as one
-   CUDA graph), a few luca variants, and the peer: transformers' `LlamaForCausalLM` with SDPA
+   CUDA graph, and the head's GEMMs in FP8 where the preset asks for it and the GPU has them),
+   a few luca variants, and the peer: transformers' `LlamaForCausalLM` with SDPA
    attention, fused AdamW and `torch.compile`. Warm-up steps (and the compilation and capture)
    are excluded; each timing is a CUDA-synchronised wall clock over many steps.
 
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +49,8 @@ import torch  # noqa: E402
 SHAPE = dict(vocab_size=50304, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, max_seq_len=1024)
 B, T = 12, 1024
 DEV = "cuda"
+# The nano-n2 preset's own GPU switches (its [train] table): the "luca" variant trains as the preset does.
+PRESET = tomllib.loads((ROOT / "luca" / "presets" / "nano-n2.toml").read_text())["train"]
 if os.environ.get("BENCH_SMOKE"):  # a tiny shape on the CPU: checks this script's plumbing, measures nothing
     SHAPE = dict(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64)
     B, T, DEV = 2, 64, "cpu"
@@ -61,6 +65,7 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
     "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
     "luca-fp8-head": ("luca with the head's three GEMMs in FP8 (train.fp8_head, luca/fp8_head.py)", {"fp8_head": True}),
+    "luca-bf16-head": ("luca with the head's GEMMs in BF16 (train.fp8_head = false)", {"fp8_head": False}),
     "luca-norm-weights": ("luca with the norms' weights applied by the norms, not folded into the GEMMs' "
                           "cached weights (train.fold_norms = false)", {"fold_norms": False}),
     "luca-cudagraphs": ("luca compiled with mode=reduce-overhead instead of the whole-step graph",
@@ -249,7 +254,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
         raw.set_gpu_training(True, fuse_qkv=settings.get("fuse_qkv", True), wgrad32=settings.get("wgrad32", True),
-                             fold_norms=settings.get("fold_norms", True), fp8_head=settings.get("fp8_head", False))
+                             fold_norms=settings.get("fold_norms", True),
+                             fp8_head=settings.get("fp8_head", PRESET.get("fp8_head", False)))
     if not settings.get("fuse", True):
         for block in raw.model.layers:
             block.self_attn.fused = block.mlp.fused = False

@@ -86,7 +86,7 @@ def _kernel():
             g = b.to(tl.float32, bitcast=True)
             tl.store(g8 + rows[:, None] * V + c[None, :], g.to(g8.dtype.element_ty), mask=mask)
             tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(g).to(gt8.dtype.element_ty),
-                     mask=tl.trans(mask))
+                     mask=(c < V)[:, None] & rmask[None, :])
 
     _KERNEL["ce"] = ce_rows_fp8
     return ce_rows_fp8
