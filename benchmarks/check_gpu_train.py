@@ -220,7 +220,27 @@ def kernel_check(torch) -> dict:
     m.keep_grads(False)
     return {"loss_diff": abs(grads[True][0] - grads[False][0]), "max_rel_grad_diff": rel(grads[True][1], grads[False][1]),
             "compiled_max_rel_grad_diff": rel(grads["compiled"][1], grads[False][1]),
-            "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False])}
+            "kept_grads_max_rel_diff_bf16": rel(acc[True], acc[False]), **fp8_kernel_check(torch, device)}
+
+
+def fp8_kernel_check(torch, device: str) -> dict:
+    """The FP8 head's kernel (luca/fp8_head.py) writes every entry of both gradient layouts, the same
+    values in each: its outputs are filled with NaN first (in session 12 a boolean tile's transpose
+    left part of the transposed one unwritten on an H200, which only training with reused memory showed)."""
+    from luca import fp8_head
+    if not fp8_head.supported(torch.device(device)):
+        return {}
+    res = {}
+    for n, v in ((8192, 4096), (12288, 50304), (40, 700)):
+        x = (torch.randn(n, v, device=device) * 3).bfloat16()
+        t = torch.randint(0, v, (n,), device=device)
+        out = (torch.full((n, v), float("nan"), device=device).to(torch.float8_e5m2),
+               torch.full((v, n), float("nan"), device=device).to(torch.float8_e5m2))
+        fp8_head.cross_entropy_fp8(x, t, out)
+        g8, gt8 = (o.float() for o in out)
+        res[f"fp8_{n}x{v}_unwritten"] = int((~g8.isfinite()).sum() + (~gt8.isfinite()).sum())
+        res[f"fp8_{n}x{v}_layouts_equal"] = bool(torch.equal(g8.t(), gt8))
+    return res
 
 
 def muon_capture(torch, smoke: bool = False) -> None:

@@ -92,15 +92,17 @@ def _kernel():
     return ce_rows_fp8
 
 
-def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """Per-row losses (FP32, 0 where ignored) of `logits` (N, V), and (softmax − one-hot) · G_SCALE
-    in e5m2 twice: (N, V) and its transpose (V, N), both contiguous. Ignored rows' gradient is 0."""
+    in e5m2 twice: (N, V) and its transpose (V, N), both contiguous (into `out` when given: the GPU
+    check fills it with NaN first to see that every entry is written). Ignored rows' gradient is 0."""
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary")
     n, v = logits.shape
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
-    g8 = torch.empty(n, v, dtype=torch.float8_e5m2, device=logits.device)
-    gt8 = torch.empty(v, n, dtype=torch.float8_e5m2, device=logits.device)
+    g8, gt8 = out if out is not None else (torch.empty(n, v, dtype=torch.float8_e5m2, device=logits.device),
+                                           torch.empty(v, n, dtype=torch.float8_e5m2, device=logits.device))
     if n:
         _kernel()[(-(-n // FP8_BM),)](logits, logits.stride(0), targets.contiguous(), losses, g8, gt8, n, v,
                                       G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK, num_warps=FP8_WARPS)

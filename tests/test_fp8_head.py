@@ -23,7 +23,11 @@ def test_rows_give_the_loss_and_both_layouts_of_the_fp8_gradient():
     x = (torch.randn(40, 700, generator=g) * 4).bfloat16()
     t = torch.randint(0, 700, (40,), generator=g)
     t[1] = t[37] = -100
-    losses, g8, gt8 = fp8_head.cross_entropy_fp8(x, t)
+    out = (torch.full((40, 700), float("nan")).to(torch.float8_e5m2),
+           torch.full((700, 40), float("nan")).to(torch.float8_e5m2))
+    losses, g8, gt8 = fp8_head.cross_entropy_fp8(x, t, out)
+    assert g8 is out[0] and gt8 is out[1]
+    assert g8.float().isfinite().all() and gt8.float().isfinite().all()  # every entry written, in both
     ref = F.cross_entropy(x.float(), t, ignore_index=-100, reduction="none")
     torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
     assert g8.dtype == gt8.dtype == torch.float8_e5m2 and g8.shape == (40, 700) and gt8.shape == (700, 40)
