@@ -15,6 +15,12 @@ What is notable:
   registers: one byte each, as many bytes as the BF16 kernel's one gradient (luca/kernels.py),
   and no transpose pass.
 - The logits come out of the GEMM in BF16 and the softmax is computed in FP32, as in the BF16 head.
+- Status (session 12): experimental and off everywhere. On an H200 it made nano-n2's shape 1.50×
+  the transformers peer (benchmarks/bench_train.py), but training the 20M model of
+  benchmarks/check_gpu_train.py with it gives non-finite gradient norms from the first step:
+  the transposed gradient gt8 holds non-finite entries on real data although the kernel check on
+  random logits finds every entry written (benchmarks/debug_fp8_head.py and its log in
+  benchmarks/results). Until that is found, nothing turns it on.
 - CPUs run the same code (torch's CPU `_scaled_mm`, Triton's interpreter with `TRITON_INTERPRET=1`):
   that is how the tests check it.
 """
