@@ -225,17 +225,20 @@ def kernel_check(torch) -> dict:
 
 def fp8_kernel_check(torch, device: str) -> dict:
     """The FP8 head's kernel (luca/fp8_head.py) writes every entry of both gradient layouts, the same
-    values in each: its outputs are filled with NaN first (in session 12 a boolean tile's transpose
-    left part of the transposed one unwritten on an H200, which only training with reused memory showed)."""
+    values in each: its outputs are filled with NaN first, and the logits come from an FP8 GEMM right
+    before, as in training (in session 12 a float8 conversion feeding both stores left foreign bytes in
+    the transposed one after such a GEMM, triton-lang/triton#11111, and not after torch.randn)."""
     from luca import fp8_head
     if not fp8_head.supported(torch.device(device)):
         return {}
     res = {}
     for n, v in ((8192, 4096), (12288, 50304), (40, 700)):
-        x = (torch.randn(n, v, device=device) * 3).bfloat16()
-        t = torch.randint(0, v, (n,), device=device)
         out = (torch.full((n, v), float("nan"), device=device).to(torch.float8_e5m2),
                torch.full((v, n), float("nan"), device=device).to(torch.float8_e5m2))
+        t = torch.randint(0, v, (n,), device=device)
+        h8, sh = fp8_head.to_e4m3(torch.randn(n, 768, device=device))
+        wq = fp8_head.FP8Weight.of(torch.randn(-(-v // 16) * 16, 768, device=device) * 0.1)  # GEMMs want 16s
+        x = fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)[:, :v]  # the kernel's launch follows
         fp8_head.cross_entropy_fp8(x, t, out)
         g8, gt8 = (o.float() for o in out)
         res[f"fp8_{n}x{v}_unwritten"] = int((~g8.isfinite()).sum() + (~gt8.isfinite()).sum())

@@ -1,84 +1,108 @@
-"""Why does training with the FP8 head (train.fp8_head) go non-finite on a GPU? A diagnostic, not a benchmark.
+"""Why training with the FP8 head (train.fp8_head) went non-finite on an H200: a diagnostic, not a benchmark.
 
-Session 12, H200: check_gpu_train's 20M model with fp8_head = true gives NaN gradient norms from the
-first step, although the kernel check (check_gpu_train --kernels-only) finds both FP8 gradient
-layouts fully written on random logits. This builds check_gpu_train's data and model, trains a few
-eager steps with the head's pieces recomputed and checked after each forward (h, the e4m3 copies,
-the logits, g8 and its transpose gt8) and the parameters whose gradients are non-finite listed
-before each zeroing. Session 12's output: benchmarks/results/fp8_nonfinite_debug_h200_s12.log
-(gt8 non-finite on real data, g8 finite; the tied embedding's gradient non-finite).
-`python3 benchmarks/debug_fp8_head.py` (about a minute on an H200)."""
-import json, os, sys, time
+Session 12: the 20M model of check_gpu_train gave NaN gradient norms from the first step with
+fp8_head = true. The transposed gradient gt8 held non-finite entries on real data, although a kernel
+check on random logits (from torch.randn) found every entry written. Session 13 found the cause in
+triton-lang/triton#11111: when a float8 conversion feeds both a row-major and a transposed store,
+ptxas 12.9 (which Triton uses on Hopper) corrupts the transposed store with bytes the kernel never
+wrote; 8-bit integer stores are clean. luca/fp8_head.py now encodes e5m2 with integer arithmetic
+and stores bytes.
+
+This runs session 12's kernel (the float8 conversion, kept below) and the shipped one on the same
+logits, each made by an FP8 GEMM as in training (h @ wᵀ with torch._scaled_mm) and each into
+NaN-prefilled outputs, and counts per layout the non-finite entries and those that differ from
+the other layout. Then it checks that both kernels agree on g8 (row-major) to the byte.
+`python3 benchmarks/debug_fp8_head.py` (under a minute on an H200)."""
+import json
+import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
-from luca import data as D, fp8_head
-from luca.config import build
-from luca.errors import LucaError
-from luca.model import ModelConfig
-from luca.tokenizer import TokenizerConfig, build_tokenizer
-from luca.train import TrainConfig, train
+import triton
+import triton.language as tl
 
-work = Path("/tmp/dbg"); data_dir = work / "data"
-D.collect(D.DataConfig(sources=["builtin:python"]), data_dir, progress=False)
-tok = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), D.iter_documents(data_dir, "train"))
-D.tokenize(data_dir, tok, progress=False)
-mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)
-steps = int(os.environ.get("STEPS", 300))
-tc = dict(seq_len=512, micro_batch=16, batch_tokens=32768, max_steps=steps, lr=2e-3, warmup_steps=30,
-          schedule="wsd", eval_every=100, eval_batches=16, save_every=steps // 2, log_every=1, compile=True, seed=1)
-CHECK = {"on": False, "n": 0}
-orig_fwd, orig_bwd = fp8_head._LinearCE8.forward, fp8_head._LinearCE8.backward
+from luca import fp8_head
 
-def fwd(ctx, h, weight, targets, mean, cached, acc):
-    out = orig_fwd(ctx, h, weight, targets, mean, cached, acc)
-    if CHECK["on"] and CHECK["n"] < 12:
-        CHECK["n"] += 1
-        wq = cached or fp8_head.FP8Weight.of(weight)
-        h8, sh = fp8_head.to_e4m3(h.reshape(-1, h.shape[-1]))
-        lg = fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
-        _, g8, gt8 = fp8_head.cross_entropy_fp8(lg, targets.reshape(-1))
-        print("  logits finite", bool(lg.isfinite().all()), "absmax", lg.float().abs().max().item())
-        print(f"  fwd {CHECK['n']}: h finite {bool(h.isfinite().all())} amax {h.float().abs().max().item():.3g} sh {sh.item():.3g}"
-              f" h8 nan {bool(h8.float().isnan().any())} w scale {wq.scale.item() if wq else -1:.3g}"
-              f" w8 nan {bool(wq.w8.float().isnan().any()) if wq else '-'} wt8 nan {bool(wq.wt8.float().isnan().any()) if wq else '-'}"
-              f" g8 nonfinite {bool((~g8.float().isfinite()).any())} gt8 nonfinite {bool((~gt8.float().isfinite()).any())}"
-              f" loss {out.item():.4f}", flush=True)
-    return out
 
-def bwd(ctx, grad_out):
-    res = orig_bwd(ctx, grad_out)
-    if CHECK["on"] and CHECK["n"] < 12:
-        gh = res[0]
-        acc = ctx.acc
-        print(f"  bwd: grad_out {grad_out.item():.3g} gh finite {bool(gh.isfinite().all()) if gh is not None else '-'}"
-              f" acc finite {bool(acc.isfinite().all()) if acc is not None else '-'}", flush=True)
-    return res
-fp8_head._LinearCE8.forward, fp8_head._LinearCE8.backward = staticmethod(fwd), staticmethod(bwd)
+@triton.jit
+def session12_kernel(logits, stride, targets, losses, g8, gt8, N, V, G: tl.constexpr,
+                     BM: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    cols = tl.arange(0, BLOCK)
+    t = tl.load(targets + rows, mask=rmask, other=-100)
+    valid = t != -100
+    t = tl.where(valid, t, 0)
+    base = logits + rows[:, None] * stride
+    m = tl.full([BM], float("-inf"), tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    for off in range(0, V, BLOCK):
+        c = off + cols
+        mask = rmask[:, None] & (c < V)[None, :]
+        x = tl.load(base + c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    picked = tl.load(logits + rows * stride + t, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(losses + rows, tl.where(valid, lse - picked, 0.0), mask=rmask)
+    keep = valid.to(tl.float32) * G
+    for off in range(0, V, BLOCK):
+        c = off + cols
+        mask = rmask[:, None] & (c < V)[None, :]
+        x = tl.load(base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse[:, None])
+        g = tl.where(c[None, :] == t[:, None], g - 1.0, g) * keep[:, None]
+        b = g.to(tl.int32, bitcast=True)
+        b = (b + 0xFFFFF + ((b >> 21) & 1)) & -0x200000
+        g = b.to(tl.float32, bitcast=True)
+        tl.store(g8 + rows[:, None] * V + c[None, :], g.to(g8.dtype.element_ty), mask=mask)
+        tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(g).to(gt8.dtype.element_ty),
+                 mask=(c < V)[:, None] & rmask[None, :])
 
-def run(name, **over):
-    torch._dynamo.reset()
-    cfg = build(TrainConfig, {**tc, **over}, "train")
-    t = time.perf_counter()
-    try:
-        s = train(work / name, mc, cfg, data_dir, tok, progress=False)
-        res = f"ok val_bpb {s['val_bpb']}"
-    except LucaError as e:
-        res = f"FAILED {e}"[:200]
-    recs = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()] if (work / name / "metrics.jsonl").exists() else []
-    print(name, res, f"{time.perf_counter()-t:.0f}s", "losses", [round(r.get("loss", -1), 3) for r in recs[:12]],
-          "gnorm", [round(r.get("grad_norm", -1), 3) for r in recs[:12] if "grad_norm" in r][:12], flush=True)
 
-import luca.step as ST
-orig_zero = ST.zero_grad
-def zg(raw, opt):
-    bad = [n for n, p in raw.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-    print("   nonfinite grads:", bad[:8], len(bad), flush=True)
-    return orig_zero(raw, opt)
-ST.zero_grad = zg
-CHECK["on"] = True
-for name, over in [("eager", {}), ("no-keep", {"accum_in_gemm": False}), ("no-cast", {"cast_once": False}),
-                   ("untied-none", {"accum_in_gemm": False, "cast_once": False})]:
-    CHECK["n"] = 10
-    print("==", name, flush=True)
-    run(name, fp8_head=True, cuda_graph=False, compile=False, max_steps=2, **over)
+def main() -> None:
+    dev = torch.device("cuda")
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    rows = []
+    for n, v, d in ((8192, 4096, 512), (12288, 50304, 768)):
+        torch.manual_seed(0)
+        h = torch.randn(n, d, device=dev).bfloat16()
+        w = (torch.randn(v, d, device=dev) * d ** -0.5).bfloat16()
+        t = torch.randint(0, v, (n,), device=dev)
+        wq = fp8_head.FP8Weight.of(w)
+        h8, sh = fp8_head.to_e4m3(h)
+        outs = {}
+        for name in ("session 12 (float8 conversion)", "shipped (integer encoding)"):
+            torch.cuda.synchronize()
+            g8 = torch.full((n, v), float("nan"), device=dev).to(torch.float8_e5m2)
+            gt8 = torch.full((v, n), float("nan"), device=dev).to(torch.float8_e5m2)
+            logits = fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)  # right before, as in training
+            if name.startswith("session"):
+                losses = torch.empty(n, device=dev)
+                session12_kernel[(-(-n // fp8_head.FP8_BM),)](
+                    logits, logits.stride(0), t, losses, g8, gt8, n, v, G=fp8_head.G_SCALE, BM=fp8_head.FP8_BM,
+                    BLOCK=fp8_head.FP8_BLOCK, num_warps=fp8_head.FP8_WARPS)
+            else:
+                fp8_head.cross_entropy_fp8(logits, t, (g8, gt8))
+            torch.cuda.synchronize()
+            a, b = g8.view(torch.uint8), gt8.view(torch.uint8)
+            outs[name] = a
+            rows.append({"shape": f"{n}x{v}", "kernel": name,
+                         "g8 non-finite": int((~g8.float().isfinite()).sum()),
+                         "gt8 non-finite": int((~gt8.float().isfinite()).sum()),
+                         "gt8 bytes differing from g8": int((a.t() != b).sum())})
+            print(json.dumps(rows[-1]), flush=True)
+        x, y = outs.values()
+        res[f"g8 bytes differing between kernels {n}x{v}"] = int((x != y).sum())
+    res["rows"] = rows
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+    print("\n| shape | kernel | g8 non-finite | gt8 non-finite | gt8 ≠ g8ᵀ (bytes) |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['kernel']} | {r['g8 non-finite']} | {r['gt8 non-finite']} | "
+              f"{r['gt8 bytes differing from g8']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -84,14 +84,18 @@ def _kernel():
             x = tl.load(base + c[None, :], mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(x - lse[:, None])
             g = tl.where(c[None, :] == t[:, None], g - 1.0, g) * keep[:, None]
-            # Round to e5m2's 2 mantissa bits here (to nearest, ties to even, on the FP32 bits), so the
-            # conversion below is exact: Triton's interpreter, which the tests run, drops the carry into
-            # the next binade when it rounds (1.97 → 1.0); a GPU's conversion rounds the same as this.
+            # Encode e5m2 with integer arithmetic and store bytes: with a float8 conversion feeding both
+            # stores, ptxas 12.9 (which Triton uses on Hopper) corrupts the transposed one with bytes
+            # the kernel never wrote (triton-lang/triton#11111; int8 stores are clean), which made
+            # training non-finite from the first step in session 12. Rounding is to nearest, ties to
+            # even, on the FP32 bits (the carry runs into the exponent, as a conversion's does).
             b = g.to(tl.int32, bitcast=True)
-            b = (b + 0xFFFFF + ((b >> 21) & 1)) & -0x200000
-            g = b.to(tl.float32, bitcast=True)
-            tl.store(g8 + rows[:, None] * V + c[None, :], g.to(g8.dtype.element_ty), mask=mask)
-            tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(g).to(gt8.dtype.element_ty),
+            a = b & 0x7FFFFFFF
+            normal = ((a + 0xFFFFF + ((a >> 21) & 1)) >> 21) - 448  # FP32 exponent 127 → e5m2's 15
+            tiny = (tl.abs(g) * 65536.0 + 0.5).to(tl.int32)  # below 2⁻¹⁴: multiples of 2⁻¹⁶ (4 is 2⁻¹⁴)
+            q = (tl.where(a < 0x38800000, tiny, normal) | ((b >> 24) & 0x80)).to(tl.uint8)
+            tl.store(g8 + rows[:, None] * V + c[None, :], q, mask=mask)
+            tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(q),
                      mask=(c < V)[:, None] & rmask[None, :])
 
     _KERNEL["ce"] = ce_rows_fp8
@@ -110,7 +114,8 @@ def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor,
     g8, gt8 = out if out is not None else (torch.empty(n, v, dtype=torch.float8_e5m2, device=logits.device),
                                            torch.empty(v, n, dtype=torch.float8_e5m2, device=logits.device))
     if n:
-        _kernel()[(-(-n // FP8_BM),)](logits, logits.stride(0), targets.contiguous(), losses, g8, gt8, n, v,
+        _kernel()[(-(-n // FP8_BM),)](logits, logits.stride(0), targets.contiguous(), losses, g8.view(torch.uint8),
+                                      gt8.view(torch.uint8), n, v,
                                       G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK, num_warps=FP8_WARPS)
     return losses, g8, gt8
 
