@@ -232,7 +232,7 @@ def fp8_kernel_check(torch, device: str) -> dict:
     if not fp8_head.supported(torch.device(device)):
         return {}
     res = {}
-    for n, v in ((8192, 4096), (12288, 50304), (40, 700)):
+    for n, v in ((8192, 4096), (12288, 50304), (40, 700)) if device == "cuda" else ((40, 700),):  # CPU: interpreted
         out = (torch.full((n, v), float("nan"), device=device).to(torch.float8_e5m2),
                torch.full((v, n), float("nan"), device=device).to(torch.float8_e5m2))
         t = torch.randint(0, v, (n,), device=device)

@@ -88,7 +88,7 @@ class TrainConfig:
     cast_once: bool = True  # one CUDA device, accumulation: weights cast to BF16 once per step, not per micro-batch
     accum_in_gemm: bool = True  # one CUDA device, accumulation: GEMMs add weight gradients into kept buffers
     fold_norms: bool = True  # with cast_once: the blocks' norm weights ride in the cached GEMM weights (luca/model.py)
-    fp8_head: bool = False  # experimental, CUDA with FP8 GEMMs: the head's GEMMs in FP8 (luca/fp8_head.py: not yet safe)
+    fp8_head: bool = False  # FP8-capable CUDA GPUs: the head's GEMMs in FP8 (luca/fp8_head.py); nano-n2 sets it
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
     def __post_init__(self) -> None:
