@@ -19,8 +19,8 @@ What is notable:
   conversion feeding both stores, ptxas 12.9 (Triton's on Hopper) wrote foreign bytes into the
   transposed one after an FP8 GEMM had run (triton-lang/triton#11111), which made training
   non-finite in session 12 (benchmarks/debug_fp8_head.py reproduces it).
-- Measured (session 13, H200): nano-n2's shape 1.50× the transformers peer against 1.41× with
-  the BF16 head (benchmarks/bench_train.py); a 20M tied model's val BPB +0.10% against the BF16
+- Measured (session 13, H200): nano-n2's shape 1.495–1.504× the transformers peer against 1.41×
+  with the BF16 head (benchmarks/bench_train.py); a 20M tied model's val BPB +0.10% against the BF16
   head over 4 seeds, single pass over its data (benchmarks/fp8_head_quality.py). The nano-n2
   preset turns it on; `train.fp8_head` is off otherwise.
 - CPUs run the same code (torch's CPU `_scaled_mm`, Triton's interpreter with `TRITON_INTERPRET=1`):
