@@ -5,7 +5,8 @@ Measures, on one GPU and in one run (under a minute on an H100):
   (luca's previous `loss_impl = "full"`, and what nanoGPT / transformers do);
 - luca's fused head (`loss_impl = "fused"`, luca/kernels.py) for several tiles and warp counts;
 - the three GEMMs alone (logits, d h, d W): the floor of any head that materialises logits;
-- on GPUs with FP8 GEMMs, the same for luca's FP8 head (luca/fp8_head.py) and several of its tiles.
+- on GPUs with FP8 GEMMs, the same for luca's FP8 head (luca/fp8_head.py), several of its tiles, and
+  its kernel's ways of encoding e5m2 and of making the transposed layout (also timed alone).
 Each line reports ms per forward + backward (CUDA events, median of 20 after warm-up), the share
 above the GEMMs' floor, and the largest error of the loss and of both gradients against an FP32
 reference of the same BF16 inputs.
@@ -177,6 +178,23 @@ def fp8_rows(rows: list, h, w, t, grads, err) -> None:
                      "ms": ms, "err": e, "fp8": list(cfg[:3]) + [len(cfg) > 3]})
     fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = default
     fp8_head.FAST_ACCUM_BACKWARD = False
+    # How the kernel encodes e5m2 and where the transposed layout comes from (fp8_head.FP8_ENCODE /
+    # FP8_TRANSPOSE): the whole head, and the cross-entropy kernel alone on the same logits.
+    with torch.no_grad():
+        logits = fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
+    chosen = fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE
+    for enc in ("bits", "half"):
+        for trans in ("kernel", "copy"):
+            fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = enc, trans
+
+            def head8():
+                return fp8_head.linear_cross_entropy_fp8(h, w, t, cached=wq)
+            ms, e = timed(lambda: grads(head8)), err(grads(head8))
+            kernel_ms = timed(lambda: fp8_head.cross_entropy_fp8(logits, t))
+            rows.append({"path": f"luca FP8 head, e5m2 by {enc}, transposed by {trans} "
+                                 f"(its kernel alone {kernel_ms:.3f} ms)", "ms": ms, "err": e,
+                         "fp8_encode": [enc, trans], "kernel_ms": kernel_ms})
+    fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = chosen
 
 
 if __name__ == "__main__":

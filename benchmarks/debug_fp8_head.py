@@ -11,7 +11,8 @@ and stores bytes.
 This runs session 12's kernel (the float8 conversion, kept below) and the shipped one on the same
 logits, each made by an FP8 GEMM as in training (h @ wᵀ with torch._scaled_mm) and each into
 NaN-prefilled outputs, and counts per layout the non-finite entries and those that differ from
-the other layout. Then it checks that both kernels agree on g8 (row-major) to the byte.
+the other layout, for each of the shipped kernel's ways (FP8_ENCODE / FP8_TRANSPOSE). Then it counts
+the g8 (row-major) bytes where each differs from session 12's kernel ("half" rounds twice: a few).
 `python3 benchmarks/debug_fp8_head.py` (under a minute on an H200)."""
 import json
 import sys
@@ -74,7 +75,9 @@ def main() -> None:
         wq = fp8_head.FP8Weight.of(w)
         h8, sh = fp8_head.to_e4m3(h)
         outs = {}
-        for name in ("session 12 (float8 conversion)", "shipped (integer encoding)"):
+        kinds = ["session 12 (float8 conversion)"] + [f"shipped, {e} / {tr}" for e in ("bits", "half")
+                                                      for tr in ("kernel", "copy")]
+        for name in kinds:
             torch.cuda.synchronize()
             g8 = torch.full((n, v), float("nan"), device=dev).to(torch.float8_e5m2)
             gt8 = torch.full((v, n), float("nan"), device=dev).to(torch.float8_e5m2)
@@ -84,8 +87,10 @@ def main() -> None:
                 session12_kernel[(-(-n // fp8_head.FP8_BM),)](
                     logits, logits.stride(0), t, losses, g8, gt8, n, v, G=fp8_head.G_SCALE, BM=fp8_head.FP8_BM,
                     BLOCK=fp8_head.FP8_BLOCK, num_warps=fp8_head.FP8_WARPS)
-            else:
+            else:  # luca/fp8_head.py's FP8_ENCODE / FP8_TRANSPOSE
+                fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = name.split(", ")[1].split(" / ")
                 fp8_head.cross_entropy_fp8(logits, t, (g8, gt8))
+                fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = "bits", "kernel"
             torch.cuda.synchronize()
             a, b = g8.view(torch.uint8), gt8.view(torch.uint8)
             outs[name] = a
@@ -94,8 +99,9 @@ def main() -> None:
                          "gt8 non-finite": int((~gt8.float().isfinite()).sum()),
                          "gt8 bytes differing from g8": int((a.t() != b).sum())})
             print(json.dumps(rows[-1]), flush=True)
-        x, y = outs.values()
-        res[f"g8 bytes differing between kernels {n}x{v}"] = int((x != y).sum())
+        first = outs[kinds[0]]
+        for name in kinds[1:]:
+            res[f"g8 bytes differing from session 12's, {name}, {n}x{v}"] = int((outs[name] != first).sum())
     res["rows"] = rows
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
     print("\n| shape | kernel | g8 non-finite | gt8 non-finite | gt8 ≠ g8ᵀ (bytes) |\n|---|---|---:|---:|---:|")
