@@ -1,6 +1,13 @@
 """luca/fp8_head.py: the head's GEMMs in FP8 and its cross-entropy kernel, run by Triton's interpreter
-on CPU tensors (torch's CPU `_scaled_mm`), checked against FP32 cross-entropy and autograd."""
+on CPU tensors (torch's CPU `_scaled_mm`), checked against FP32 cross-entropy and autograd.
+
+This file is also the worker script that torchrun starts for the DDP / FSDP2 test (`__main__`)."""
+import json
 import os
+import subprocess
+import sys
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +22,10 @@ from luca.model import ModelConfig, Transformer  # noqa: E402
 @pytest.fixture(autouse=True)
 def interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py, before triton is imported
+
+
+TINY = ModelConfig(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                   tie_embeddings=True)
 
 
 @pytest.mark.parametrize("encode,transpose", [("bits", "kernel"), ("half", "kernel"), ("bits", "copy"),
@@ -136,3 +147,57 @@ def test_training_with_the_fp8_head_follows_the_bf16_head():
         curves[fp8] = curve
     assert curves[True][-1] < curves[True][0] - 1
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=3e-2, atol=0)
+
+
+def _grads(batch: torch.Tensor, fp8: bool, world: int = 1, fsdp: bool = False) -> dict:
+    """One forward and backward of the tiny tied model (seed 0) with the GPU switches on, as luca.train
+    builds it with more than one process (no cached weights, no kept gradients), under luca's DDP or
+    FSDP2 wrapping when `world` > 1; FP32 weights, BF16 autocast. The full gradients by name."""
+    from luca.distributed import Dist, wrap
+    torch.manual_seed(0)
+    m = Transformer(TINY)
+    m.loss_impl = "fused"
+    m.set_gpu_training(True, fp8_head=fp8)
+    assert m.fp8_head == fp8
+    dd = Dist(int(os.environ.get("RANK", 0)), world)
+    model = wrap(m, dd, torch.device("cpu"), fsdp, False)
+    part = batch.chunk(world)[dd.rank]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(part[:, :-1], part[:, 1:])
+    loss.backward()
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_reduce_the_fp8_heads_gradient(fsdp, tmp_path):
+    """Under torchrun (gloo, 2 processes, half the batch each) the FP8 head's gradients, which its
+    autograd function returns when gradients are not kept, reach DDP's and FSDP2's reductions: both
+    ranks hold the gradient of the whole batch, close to one process's FP8 gradient of it and far
+    from one rank's own half."""
+    batch = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
+    torch.save(batch, tmp_path / "batch.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path), json.dumps(fsdp)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"grads{i}.pt") for i in range(2)]
+    whole, half = _grads(batch, True), _grads(batch[:4], True)
+    exact = _grads(batch, False)
+    head = "model.embed_tokens.weight"  # tied: the head's gradient and the embedding's
+    for name in whole:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        assert _rel(ranks[0][name], exact[name]) < 0.1, name
+    assert _rel(ranks[0][head], whole[head]) < 0.05
+    assert _rel(half[head], whole[head]) > 0.3  # what an unreduced head gradient would be
+
+
+if __name__ == "__main__":  # the torchrun worker
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    work, fsdp = Path(sys.argv[1]), json.loads(sys.argv[2])
+    dist.init_process_group("gloo")
+    grads = _grads(torch.load(work / "batch.pt"), True, world=2, fsdp=fsdp)
+    torch.save(grads, work / f"grads{dist.get_rank()}.pt")
+    dist.destroy_process_group()
