@@ -425,8 +425,13 @@ def train(run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, data_di
                                                      "elapsed_s": elapsed_before + time.perf_counter() - t0}, dd)
 
     n_params = raw_model.num_parameters()
+    # The head's path as it runs (train.fp8_head needs a GPU with FP8 GEMMs; elsewhere the BF16 kernel)
+    head = "fp8" if getattr(getattr(raw_model, "trunk", raw_model), "fp8_head", False) else raw_model.loss_impl
+    if cfg.fp8_head and head != "fp8":
+        say(f"train.fp8_head: not on this device ({device}) or with loss_impl {raw_model.loss_impl!r}: "
+            f"the head runs as {head!r}")
     summary = {"parameters": n_params, "non_embedding_parameters": raw_model.num_parameters(True),
-               "accum": accum, "world": dd.world, "device": str(device)}
+               "accum": accum, "world": dd.world, "device": str(device), "head": head}
     bar = StepProgress("train", progress and dd.main, cfg.max_steps, start_step)
     bad = BadSteps(device, cfg.max_bad_steps, bad_total)
     check_every_step = not all(g.get("fused") for g in opt.param_groups)  # skipping already read `ok`
@@ -508,6 +513,8 @@ def write_report(run_dir: Path, s: dict, model_cfg: ModelConfig, cfg: TrainConfi
             ("tokens", f"{s['tokens']:,} ({s['steps']} steps × {cfg.batch_tokens:,})"),
             ("time", f"{s['time_s']:.1f} s on {s['device']} × {s['world']}"),
             ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
+            ("head's loss", {"fp8": "FP8 GEMMs, luca's kernel", "fused": "luca's kernel", "full": "full logits",
+                             "chunked": "chunked"}.get(s.get("head"), "-")),
             ("final train loss", f"{s['final_train_loss']:.4f}"),
             ("validation BPB", f"{s['val_bpb']:.4f}"),
             ("skipped steps", str(s["bad_steps"]))]

@@ -25,6 +25,14 @@ def test_loss_falls_and_run_dir_is_complete(tiny_run):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     report = (tiny_run / "report.md").read_text()
     assert "validation BPB" in report and "loss.png" in report
+    assert json.loads((tiny_run / rundir.TRAIN_SUMMARY).read_text())["head"] == "chunked"  # a CPU's head
+
+
+def test_fp8_head_without_fp8_gemms_runs_and_records_the_head_it_ran(tmp_path):
+    over = {"train.fp8_head": True, "train.loss_impl": "fused"}
+    run = train_tiny_run(tmp_path / "run", tmp_path, steps=2, overrides=over)
+    summary = json.loads((run / rundir.TRAIN_SUMMARY).read_text())
+    assert summary["head"] == "fused" and summary["steps"] == 2  # the CPU has no FP8 head in luca.train
 
 
 @pytest.mark.parametrize("flavour", ["qwen2", "qwen3"])
