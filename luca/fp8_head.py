@@ -42,10 +42,11 @@ FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,3
 # to FP16 (e5m2 is FP16's top byte) and rounds that byte (fewer instructions; twice-rounded, so about
 # 0.2% of entries take the other neighbour where the value lies within an FP16 step of a midpoint).
 # And where the transposed layout comes from: "kernel" stores it from registers, "copy" has the kernel
-# write the row-major one alone and copies it transposed. Session 12's profile had the FP8 kernel at
+# write the row-major one alone and a second kernel copies it transposed. Session 12's profile had the FP8 kernel at
 # 1.48 ms a micro-batch against the BF16 kernel's 1.01 for as many bytes: benchmarks/bench_head.py
 # times the four pairs (none measured on a GPU yet; "bits" / "kernel" is what session 13 measured).
 FP8_ENCODE, FP8_TRANSPOSE = "bits", "kernel"
+T_TILE = 64  # the transposing kernel's tile, bytes a side ("copy")
 _KERNEL: dict = {}
 
 
@@ -113,7 +114,16 @@ def _kernel():
                 tl.store(gt8 + c[:, None].to(tl.int64) * N + rows[None, :], tl.trans(q),
                          mask=(c < V)[:, None] & rmask[None, :])
 
-    _KERNEL["ce"] = ce_rows_fp8
+    @triton.jit
+    def transpose_bytes(src, dst, N, V, TN: tl.constexpr, TV: tl.constexpr):
+        # (N, V) bytes into (V, N), a TN × TV tile a program (FP8_TRANSPOSE = "copy"): torch's strided
+        # copy reads one side a byte at a time. Integer bytes through tl.trans are clean (#11111).
+        r = tl.program_id(0).to(tl.int64) * TN + tl.arange(0, TN)
+        c = tl.program_id(1).to(tl.int64) * TV + tl.arange(0, TV)
+        x = tl.load(src + r[:, None] * V + c[None, :], mask=(r < N)[:, None] & (c < V)[None, :])
+        tl.store(dst + c[:, None] * N + r[None, :], tl.trans(x), mask=(c < V)[:, None] & (r < N)[None, :])
+
+    _KERNEL["ce"], _KERNEL["t"] = ce_rows_fp8, transpose_bytes
     return ce_rows_fp8
 
 
@@ -136,7 +146,8 @@ def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor,
                                       gt8.view(torch.uint8), n, v, G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK,
                                       HALF=FP8_ENCODE == "half", STORE_T=store_t, num_warps=FP8_WARPS)
         if not store_t:
-            gt8.view(torch.uint8).copy_(g8.view(torch.uint8).t())
+            _KERNEL["t"][(-(-n // T_TILE), -(-v // T_TILE))](g8.view(torch.uint8), gt8.view(torch.uint8), n, v,
+                                                             TN=T_TILE, TV=T_TILE, num_warps=4)
     return losses, g8, gt8
 
 
