@@ -48,11 +48,9 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from luca import data as D
     from luca.config import build
     from luca.finetune import finetune, resolve_config
     from luca.model import ModelConfig
-    from luca.tokenizer import TokenizerConfig, build_tokenizer
     from luca.train import TrainConfig, train
 
     if a.muon_capture:
@@ -64,10 +62,7 @@ def main() -> None:
     work = Path(a.work)
     data_dir = work / "data"
     t0 = time.perf_counter()
-    D.collect(D.DataConfig(sources=["builtin:python"]), data_dir, progress=False)
-    tok = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), D.iter_documents(data_dir, "train"))
-    D.tokenize(data_dir, tok, progress=False)
-    n_train = D.TokenShards(data_dir, "train").n_tokens
+    tok, n_train = corpus("builtin:python", data_dir)
     print(f"data + tokenizer: {time.perf_counter() - t0:.1f} s; {n_train:,} training tokens, which "
           f"{a.steps} steps of 32,768 pass over {a.steps * 32768 / n_train:.1f} times", flush=True)
 
@@ -174,6 +169,17 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         print(f"| {name} | {bpb} | {r.get('final_loss', r.get('final_train_loss'))} | {tps} | {r['wall_s']:.0f} |")
     paired(rows, [int(x) for x in a.seeds.split(",")])
+
+
+def corpus(source: str, data_dir: Path):
+    """(tokenizer, training tokens): `source` collected into `data_dir`, a 4,096-token BPE trained on
+    it and the shards tokenized (also benchmarks/fp8_head_quality.py's data)."""
+    from luca import data as D
+    from luca.tokenizer import TokenizerConfig, build_tokenizer
+    D.collect(D.DataConfig(sources=[source]), data_dir, progress=False)
+    tok = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), D.iter_documents(data_dir, "train"))
+    D.tokenize(data_dir, tok, progress=False)
+    return tok, D.TokenShards(data_dir, "train").n_tokens
 
 
 def kernel_check(torch) -> dict:

@@ -61,18 +61,15 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from luca import data as D, fp8_head
+    from check_gpu_train import corpus
+    from luca import fp8_head
     from luca.config import build
     from luca.model import ModelConfig
-    from luca.tokenizer import TokenizerConfig, build_tokenizer
     from luca.train import TrainConfig, train
 
     work, t0 = Path(a.work), time.perf_counter()
     data_dir = work / "data"
-    D.collect(D.DataConfig(sources=[a.source]), data_dir, progress=False)
-    tok = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), D.iter_documents(data_dir, "train"))
-    D.tokenize(data_dir, tok, progress=False)
-    n_train = D.TokenShards(data_dir, "train").n_tokens
+    tok, n_train = corpus(a.source, data_dir)
     print(f"data + tokenizer: {time.perf_counter() - t0:.0f} s; {n_train:,} training tokens; {a.steps} steps "
           f"of 32,768 read {a.steps * 32768 / n_train:.2f} of them", flush=True)
     mc = ModelConfig(vocab_size=4096, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, max_seq_len=512)

@@ -42,9 +42,10 @@ FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,3
 # to FP16 (e5m2 is FP16's top byte) and rounds that byte (fewer instructions; twice-rounded, so about
 # 0.2% of entries take the other neighbour where the value lies within an FP16 step of a midpoint).
 # And where the transposed layout comes from: "kernel" stores it from registers, "copy" has the kernel
-# write the row-major one alone and a second kernel copies it transposed. Session 12's profile had the FP8 kernel at
-# 1.48 ms a micro-batch against the BF16 kernel's 1.01 for as many bytes: benchmarks/bench_head.py
-# times the four pairs (none measured on a GPU yet; "bits" / "kernel" is what session 13 measured).
+# write the row-major one alone and a second kernel copies it transposed. Session 12's profile had
+# the FP8 kernel at 1.48 ms a micro-batch against the BF16 kernel's 1.01 for as many bytes:
+# benchmarks/bench_head.py times the four pairs (none measured on a GPU yet; "bits" / "kernel" is
+# what session 13 measured).
 FP8_ENCODE, FP8_TRANSPOSE = "bits", "kernel"
 T_TILE = 64  # the transposing kernel's tile, bytes a side ("copy")
 _KERNEL: dict = {}

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,8 @@ def test_rows_give_the_loss_and_both_layouts_of_the_fp8_gradient(encode, transpo
     got = g8.float() / fp8_head.G_SCALE
     # the kernel's own e5m2 encoding rounds as torch's conversion does (to nearest, ties to even,
     # subnormals included): the same value, or the other neighbour where FP32 exp rounding differs
-    # (or, through FP16, where the value lies within an FP16 step of a midpoint)
-    # (FP16's step: 2⁻¹¹ of the value, or 2⁻²⁵ among its subnormals)
+    # (or, through FP16, where the value lies within an FP16 step of a midpoint: 2⁻¹¹ of the value,
+    # or 2⁻²⁵ among FP16's subnormals)
     d, a = (1e-5, 0.0) if encode == "bits" else (2 ** -11, 2 ** -25)
     ref8 = [((want * (1 + e) * fp8_head.G_SCALE + b).to(torch.float8_e5m2).float() / fp8_head.G_SCALE)
             for e in (0.0, -d, d) for b in (0.0, -a, a)]
@@ -120,13 +119,11 @@ def test_all_targets_ignored_gives_zero_loss_and_gradients():
 def test_training_with_the_fp8_head_follows_the_bf16_head():
     """A tiny tied-embedding Transformer, GPU switches on, weights cached and gradients kept as luca
     train has them on one GPU: the FP8 head's loss curve stays within 3% of the BF16 head's."""
-    cfg = ModelConfig(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32,
-                      tie_embeddings=True)
     data = torch.randint(0, 256, (1, 4, 17), generator=torch.Generator().manual_seed(3)).expand(8, 4, 17)
     curves = {}
     for fp8 in (False, True):
         torch.manual_seed(0)
-        m = Transformer(cfg)
+        m = Transformer(TINY)
         m.loss_impl = "fused"
         m.set_gpu_training(True, fp8_head=fp8)
         m.cache_weights()
