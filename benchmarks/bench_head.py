@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--copy-sweep", action="store_true",
+                    help="only the FP8 head's \"copy\" pair: its kernel's tiles × the transposing kernel's tiles")
     args = ap.parse_args()
     n, v, d = (args.tokens, args.vocab, args.dim) if DEV == "cuda" else (64, 1000, 32)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -92,6 +94,8 @@ def main() -> None:
 
     compiled = torch.compile(plain) if DEV == "cuda" else plain
     rows = []
+    if args.copy_sweep:
+        return copy_sweep(h, w, t, grads, err, args.json)
 
     def gemms():
         with torch.no_grad():
@@ -200,6 +204,65 @@ def fp8_rows(rows: list, h, w, t, grads, err) -> None:
                      "ms": ms, "err": e, "fp8_encode": [enc, trans, *tile], "kernel_ms": kernel_ms})
     fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = chosen
     fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = default
+
+
+def copy_sweep(h, w, t, grads, err, out: str) -> None:
+    """FP8_TRANSPOSE = "copy" alone: each (rows, tile, warps) of the cross-entropy kernel with each
+    (token rows, vocabulary columns, warps) of the transposing kernel; the whole head, both kernels
+    together, and the transpose alone (bytes e5m2 by bits: what training would run)."""
+    with torch.no_grad():
+        wq = fp8_head.FP8Weight.of(w)
+        h8, sh = fp8_head.to_e4m3(h)
+        logits = fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
+    chosen = (fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE, fp8_head.FP8_BM, fp8_head.FP8_BLOCK,
+              fp8_head.FP8_WARPS, fp8_head.T_TILE)
+    cuda = DEV == "cuda"
+    kernel_tiles = [(1, 4096, 8), (1, 8192, 16), (1, 2048, 4), (1, 4096, 4), (2, 2048, 8), (2, 4096, 8)] \
+        if cuda else [(2, 256, 4)]
+    t_tiles = [(64, 64, 4), (128, 128, 8), (128, 64, 4), (64, 128, 4), (256, 64, 8)] if cuda else [(16, 32, 4)]
+    fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = "bits", "copy"
+    fp8_head._kernel()
+    g8 = torch.empty(logits.shape, dtype=torch.uint8, device=logits.device)
+    gt8 = torch.empty(logits.shape[::-1], dtype=torch.uint8, device=logits.device)
+    rows = []
+    for tile in kernel_tiles:
+        for tt in t_tiles[:1] if tile != kernel_tiles[0] else t_tiles:
+            fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = tile
+            fp8_head.T_TILE = tt
+            n, v = logits.shape
+
+            def transpose():
+                fp8_head._KERNEL["t"][(-(-n // tt[0]), -(-v // tt[1]))](g8, gt8, n, v, TN=tt[0], TV=tt[1],
+                                                                       num_warps=tt[2])
+
+            def head8():
+                return fp8_head.linear_cross_entropy_fp8(h, w, t, cached=wq)
+            try:
+                ms, e = timed(lambda: grads(head8)), err(grads(head8))
+                kernels_ms = timed(lambda: fp8_head.cross_entropy_fp8(logits, t))
+                t_ms = timed(transpose)
+            except Exception as ex:  # noqa: BLE001 - a tile that does not compile
+                log(f"copy {tile} {tt}: {str(ex).splitlines()[0][:120]}")
+                continue
+            rows.append({"kernel": list(tile), "transpose": list(tt), "ms": ms, "kernels_ms": kernels_ms,
+                         "transpose_ms": t_ms, "err": e})
+    (fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE, fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS,
+     fp8_head.T_TILE) = chosen
+    print(f"\nFP8 head, e5m2 by bits, transposed by copy: {h.shape[0]} tokens × {w.shape[0]} vocab, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU (smoke)'}\n")
+    print("| kernel rows × tile, warps | transpose tile, warps | head ms | both kernels ms | transpose ms | "
+          "rel. err loss / dh / dW |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        k, tt = r["kernel"], r["transpose"]
+        print(f"| {k[0]} × {k[1]}, {k[2]} | {tt[0]} × {tt[1]}, {tt[2]} | {r['ms']:.3f} | {r['kernels_ms']:.3f} | "
+              f"{r['transpose_ms']:.3f} | {' / '.join(f'{x:.1e}' for x in r['err'])} |")
+    if rows:
+        b = min(rows, key=lambda r: r["kernels_ms"])
+        print(f"\nbest (both kernels): {b['kernel']} {b['transpose']}")
+    if out:
+        Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                         "copy_sweep": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ VARIANTS = {  # name: (what it is, worker settings)
     "luca-unfused-proj": ("luca with separate gate and up GEMMs", {"fuse": False}),
     "luca-bf16-residual": ("luca with a BF16 residual stream (train.bf16_residual)", {"bf16_residual": True}),
     "luca-fp8-head": ("luca with the head's three GEMMs in FP8 (train.fp8_head, luca/fp8_head.py)", {"fp8_head": True}),
+    "luca-fp8-env": ("luca's preset with the FP8 head's kernel set by $BENCH_FP8 (encode, transpose, rows, tile, "
+                     "warps, transposing tile rows, columns, warps: luca/fp8_head.py)", {"fp8_env": True}),
+    "luca-blas-workspace": ("luca with cuBLAS's workspace (train.blas_workspace = true; nano-n2 has none: "
+                            "luca/train.py no_blas_workspace)", {"blas_workspace": True}),
+    "luca-cublaslt": ("luca with torch's BLAS backend set to cuBLASLt", {"blas": "cublaslt"}),
     "luca-bf16-head": ("luca with the head's GEMMs in BF16 (train.fp8_head = false)", {"fp8_head": False}),
     "luca-norm-weights": ("luca with the norms' weights applied by the norms, not folded into the GEMMs' "
                           "cached weights (train.fold_norms = false)", {"fold_norms": False}),
@@ -249,7 +254,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
         kernels.SwiGLU = CompiledSwiGLU
     cfg = TrainConfig(seq_len=T, micro_batch=B, batch_tokens=B * T * dd.world * max_accum, lr=6e-4,
                       compile=settings.get("compile", DEV == "cuda") and "mode" not in settings,
-                      loss_impl=settings.get("loss_impl", "auto"), cuda_graph=settings.get("graph", True))
+                      loss_impl=settings.get("loss_impl", "auto"), cuda_graph=settings.get("graph", True),
+                      blas_workspace=settings.get("blas_workspace", PRESET.get("blas_workspace", True)))
     raw, model, opt = build(ModelConfig(**SHAPE), cfg, device, dd)
     # Ablations: the model compiles on its first call, so switches set here still take effect.
     if DEV == "cuda":
@@ -274,6 +280,16 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
     if os.environ.get("BENCH_CE"):  # the head kernel's tile, warps, programs per SM (bench_head.py's "best")
         from luca import kernels
         kernels.BLOCK, kernels.WARPS, kernels.PROGRAMS = map(int, os.environ["BENCH_CE"].split(","))
+    if "blas" in settings:
+        torch.backends.cuda.preferred_blas_library(settings["blas"])
+    if settings.get("fp8_env") and os.environ.get("BENCH_FP8"):
+        from luca import fp8_head
+        enc, trans, *nums = os.environ["BENCH_FP8"].split(",")
+        nums = [int(x) for x in nums]
+        fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = enc, trans
+        fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = nums[:3]
+        if len(nums) > 3:
+            fp8_head.T_TILE = tuple(nums[3:6])
     for k, v in settings.get("inductor", {}).items():  # dotted keys name nested options ("triton.x")
         *path, leaf = k.split(".")
         obj = torch._inductor.config
@@ -436,6 +452,8 @@ def run_variant(name: str, warmup: int, reps: int, per_rep: int, profile: bool, 
             res["profile"] = profile_breakdown(step, name=name)
     res.update(variant=name, params=n, tokens_per_step=accum * B * T, accum=accum,
                max_memory_gib=_peak_gib(device))
+    if settings.get("fp8_env"):
+        res["bench_fp8"] = os.environ.get("BENCH_FP8", "")
     return res
 
 
@@ -507,7 +525,7 @@ def bench(a) -> None:
         cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
                "--per-rep", str(a.per_rep), "--accum", str(a.accum)]
         cmd += ["--profile"] if name in a.profiled.split(",") else []
-        results[name] = _worker(cmd, left - 5)
+        results[name] = _worker(cmd, left - 5, env=VARIANTS[name][1].get("env"))
         log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
         _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
 

@@ -12,7 +12,8 @@ This runs session 12's kernel (the float8 conversion, kept below) and the shippe
 logits, each made by an FP8 GEMM as in training (h @ wᵀ with torch._scaled_mm) and each into
 NaN-prefilled outputs, and counts per layout the non-finite entries and those that differ from
 the other layout, for each of the shipped kernel's ways (FP8_ENCODE / FP8_TRANSPOSE). Then it counts
-the g8 (row-major) bytes where each differs from session 12's kernel ("half" rounds twice: a few).
+the g8 (row-major) bytes where each differs from session 12's kernel ("half" rounds twice: a few),
+and the bytes where the activations' e4m3 copies from luca's kernels (quantize_rows) differ from torch's.
 `python3 benchmarks/debug_fp8_head.py` (under a minute on an H200)."""
 import json
 import sys
@@ -99,6 +100,20 @@ def main() -> None:
                          "gt8 non-finite": int((~gt8.float().isfinite()).sum()),
                          "gt8 bytes differing from g8": int((a.t() != b).sum())})
             print(json.dumps(rows[-1]), flush=True)
+        # The activations' e4m3 copies from luca's kernels (fp8_head.quantize_rows, session 14) against
+        # torch's conversion, right after an FP8 GEMM too; a few huge rows put most entries in subnormals.
+        for scaled in (False, True):
+            x = h.clone()
+            if scaled:
+                x[:4] *= 1e4
+            fp8_head._mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
+            x8, xt8, s8 = fp8_head.quantize_rows(x)
+            ref8, ref_s = fp8_head.to_e4m3(x)
+            torch.cuda.synchronize()
+            r = ref8.view(torch.uint8)
+            res[f"quantize_rows vs to_e4m3, {n}x{d}{', 4 rows x1e4' if scaled else ''}: bytes differing "
+                f"(x8, x8ᵀ), scale equal"] = [int((x8.view(torch.uint8) != r).sum()),
+                                              int((xt8.view(torch.uint8) != r.t()).sum()), bool(torch.equal(s8, ref_s))]
         first = outs[kinds[0]]
         for name in kinds[1:]:
             res[f"g8 bytes differing from session 12's, {name}, {n}x{v}"] = int((outs[name] != first).sum())

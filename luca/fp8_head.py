@@ -47,7 +47,7 @@ FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,3
 # benchmarks/bench_head.py times the four pairs (none measured on a GPU yet; "bits" / "kernel" is
 # what session 13 measured).
 FP8_ENCODE, FP8_TRANSPOSE = "bits", "kernel"
-T_TILE = 64  # the transposing kernel's tile, bytes a side ("copy")
+T_TILE = 64, 64, 4  # the transposing kernel's tile ("copy"): token rows, vocabulary columns (bytes), warps
 _KERNEL: dict = {}
 
 
@@ -124,7 +124,38 @@ def _kernel():
         x = tl.load(src + r[:, None] * V + c[None, :], mask=(r < N)[:, None] & (c < V)[None, :])
         tl.store(dst + c[:, None] * N + r[None, :], tl.trans(x), mask=(c < V)[:, None] & (r < N)[None, :])
 
+    @triton.jit
+    def absmax_parts(x, parts, numel, BLOCK: tl.constexpr):
+        # Each program's largest |x| (NaN counts as infinite, so a NaN input makes the scale infinite and
+        # the logits non-finite: the step is then skipped, as with the BF16 head).
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x + i, mask=i < numel, other=0.0).to(tl.float32)
+        a = tl.where(v == v, tl.abs(v), float("inf"))
+        tl.store(parts + tl.program_id(0), tl.max(a, axis=0))
+
+    @triton.jit
+    def quantize_e4m3(x, parts, n_parts, scale, q8, numel, BLOCK: tl.constexpr, PARTS: tl.constexpr):
+        # x / s in e4m3 bytes, s = max |x| / 448 from absmax_parts' partial maxima (each program reduces
+        # them itself: a few KB from L2 against a third launch). Integer encoding as in ce_rows_fp8,
+        # to nearest, ties to even; true division, so the bytes equal torch's (x.float() / s).to(e4m3).
+        p = tl.load(parts + tl.arange(0, PARTS), mask=tl.arange(0, PARTS) < n_parts, other=0.0)
+        s = tl.maximum(tl.math.div_rn(tl.max(p, axis=0), 448.0), 1e-30)
+        if tl.program_id(0) == 0:
+            tl.store(scale, s)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        y = tl.math.div_rn(tl.load(x + i, mask=i < numel, other=0.0).to(tl.float32), s)
+        b = y.to(tl.int32, bitcast=True)
+        a = b & 0x7FFFFFFF
+        normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960  # FP32 exponent 127 → e4m3's 7
+        m = tl.abs(y) * 512.0  # below 2⁻⁶: multiples of 2⁻⁹ (8 is 2⁻⁶), exact in FP32
+        f = m.to(tl.int32)
+        rest = m - f.to(tl.float32)
+        tiny = f + ((rest > 0.5) | ((rest == 0.5) & ((f & 1) == 1))).to(tl.int32)
+        q = (tl.where(a < 0x3C800000, tiny, normal) | ((b >> 24) & 0x80)).to(tl.uint8)
+        tl.store(q8 + i, q, mask=i < numel)
+
     _KERNEL["ce"], _KERNEL["t"] = ce_rows_fp8, transpose_bytes
+    _KERNEL["amax"], _KERNEL["q"] = absmax_parts, quantize_e4m3
     return ce_rows_fp8
 
 
@@ -147,8 +178,9 @@ def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor,
                                       gt8.view(torch.uint8), n, v, G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK,
                                       HALF=FP8_ENCODE == "half", STORE_T=store_t, num_warps=FP8_WARPS)
         if not store_t:
-            _KERNEL["t"][(-(-n // T_TILE), -(-v // T_TILE))](g8.view(torch.uint8), gt8.view(torch.uint8), n, v,
-                                                             TN=T_TILE, TV=T_TILE, num_warps=4)
+            tn, tv, tw = T_TILE
+            _KERNEL["t"][(-(-n // tn), -(-v // tv))](g8.view(torch.uint8), gt8.view(torch.uint8), n, v,
+                                                     TN=tn, TV=tv, num_warps=tw)
     return losses, g8, gt8
 
 
@@ -163,6 +195,33 @@ def to_e4m3(x: torch.Tensor, out: torch.Tensor | None = None,
     out.copy_(x8)
     scale.copy_(s)
     return out, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x8, x8ᵀ, s) for a contiguous (N, D) x: x / s in e4m3 in both layouts (the logits GEMM reads x8,
+    d W's reads x8ᵀ), s = max |x| / 448 (FP32, one element), the same bytes as `to_e4m3`. Three small
+    Triton kernels: the eager amax, divide, cast and transpose took ~0.15 ms per micro-batch at nano-n2's
+    shape, several times their memory traffic (session 14's profile)."""
+    n, d = x.shape
+    x = x.detach().contiguous()
+    numel = x.numel()
+    x8 = torch.empty(n, d, dtype=torch.float8_e4m3fn, device=x.device)
+    xt8 = torch.empty(d, n, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    if numel == 0:
+        scale.fill_(1e-30)
+        return x8, xt8, scale
+    _kernel()
+    block = max(4096, 1 << (-(-numel // 4096) - 1).bit_length())  # at most 4,096 partial maxima
+    n_parts = -(-numel // block)
+    parts = torch.empty(n_parts, dtype=torch.float32, device=x.device)
+    _KERNEL["amax"][(n_parts,)](x, parts, numel, BLOCK=block, num_warps=8)
+    _KERNEL["q"][(n_parts,)](x, parts, n_parts, scale, x8.view(torch.uint8), numel, BLOCK=block,
+                             PARTS=max(16, 1 << (n_parts - 1).bit_length()), num_warps=8)
+    tn, tv, tw = T_TILE
+    _KERNEL["t"][(-(-n // tn), -(-d // tv))](x8.view(torch.uint8), xt8.view(torch.uint8), n, d,
+                                             TN=tn, TV=tv, num_warps=tw)
+    return x8, xt8, scale
 
 
 class FP8Weight:
@@ -195,13 +254,13 @@ class _LinearCE8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, mean: bool, cached, acc):
         wq = cached if cached is not None else FP8Weight.of(weight)
-        h8, sh = to_e4m3(h)
+        h8, ht8, sh = quantize_rows(h)
         logits = _mm(h8, wq.w8.t(), sh, wq.scale, torch.bfloat16, True)
         count = (targets != IGNORE).sum().clamp(min=1)  # a tensor: reading it back would sync
         scale = (1.0 / count.float()) if mean else torch.ones((), device=h.device)
         losses, g8, gt8 = cross_entropy_fp8(logits, targets)
         del logits
-        ctx.save_for_backward(h8, sh, g8, gt8, scale)
+        ctx.save_for_backward(ht8, sh, g8, gt8, scale)
         ctx.wq, ctx.acc = wq, acc
         ctx.dtypes = (h.dtype, weight.dtype)
         ctx.needs = (h.requires_grad, weight.requires_grad)
@@ -209,14 +268,14 @@ class _LinearCE8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        h8, sh, g8, gt8, scale = ctx.saved_tensors
+        ht8, sh, g8, gt8, scale = ctx.saved_tensors
         wq = ctx.wq
         sg = (scale * grad_out.float() / G_SCALE).reshape(1)  # all of d loss / d logits' scale
         gh = gw = None
         if ctx.needs[0]:
             gh = _mm(g8, wq.wt8.t(), sg, wq.scale, torch.bfloat16, FAST_ACCUM_BACKWARD).to(ctx.dtypes[0])
         if ctx.needs[1]:
-            dw = _mm(gt8, h8.t().contiguous().t(), sg, sh, torch.float32, FAST_ACCUM_BACKWARD)
+            dw = _mm(gt8, ht8.t(), sg, sh, torch.float32, FAST_ACCUM_BACKWARD)
             if ctx.acc is not None:
                 ctx.acc.data.add_(dw)  # .data: as kernels.mm_into, the kept gradient's version stays
             else:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import secrets
 import time
@@ -90,6 +91,7 @@ class TrainConfig:
     fold_norms: bool = True  # with cast_once: the blocks' norm weights ride in the cached GEMM weights (luca/model.py)
     fp8_head: bool = False  # FP8-capable CUDA GPUs: the head's GEMMs in FP8 (luca/fp8_head.py); nano-n2 sets it
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
+    blas_workspace: bool = True  # CUDA: cuBLAS's workspace; nano-n2 turns it off (`no_blas_workspace`)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -323,9 +325,22 @@ def validation_bpb(model: Transformer, val_shards, seq_len: int, n_batches: int,
 
 
 # -- the step -----------------------------------------------------------------------------------
+def no_blas_workspace() -> None:
+    """Give cuBLAS and cuBLASLt no workspace (unless the environment already sizes it). Without one they
+    choose statically scheduled kernels: the dynamically scheduled ones zero a counter in the workspace
+    first, a 4-byte memset node before their GEMM in the step's CUDA graph that left the GPU idle ~5 µs
+    each, 5 times a layer at nano-n2's shape (0.15 ms of a 21.5 ms micro-batch on an H200, session 14;
+    the GEMMs themselves ran as fast). torch reads these when a process makes its first cuBLAS handle,
+    so this must run before the first GEMM: `build` calls it before the model has run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
+
+
 def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, dd: Dist, aux=None):
     """(raw model, the module the loop calls, optimizer) for this device and process group."""
     from luca.auxiliary import build_model  # luca's Transformer or the GPT-2 baseline, with [aux] heads
+    if device.type == "cuda" and not cfg.blas_workspace:
+        no_blas_workspace()
     torch.manual_seed(cfg.seed)
     raw = build_model(model_cfg, aux)
     raw.reset_parameters(seed=cfg.seed)

@@ -63,6 +63,25 @@ def test_rows_give_the_loss_and_both_layouts_of_the_fp8_gradient(encode, transpo
     assert (picked[t != -100] < 0).all()  # the target's entry carries the − 1
 
 
+def test_quantized_rows_are_torchs_e4m3_bytes_in_both_layouts():
+    # random rows of two magnitudes (several programs, a partial last one), then exact ties: the
+    # subnormals' halfway points and normal ones, rounded to even as torch's conversion rounds them
+    g = torch.Generator().manual_seed(0)
+    ties = [448.0] + [(k + 0.5) / 512 * s for k in range(8) for s in (1, -1)] + \
+        [1 + 1 / 16, 1 + 3 / 16, -(1 + 1 / 16), 2 ** -6 * (1 + 1 / 16), 0.0, -0.0]
+    for x in [(torch.randn(1500, 40, generator=g) * 30).bfloat16(), torch.randn(37, 48, generator=g) * 1e-3,
+              torch.tensor(ties).reshape(1, -1)]:
+        x8, xt8, s = fp8_head.quantize_rows(x)
+        ref8, ref_s = fp8_head.to_e4m3(x)
+        assert x8.dtype == xt8.dtype == torch.float8_e4m3fn and xt8.shape == x.shape[::-1]
+        assert torch.equal(s, ref_s)
+        assert torch.equal(x8.view(torch.uint8), ref8.view(torch.uint8))
+        assert torch.equal(xt8.view(torch.uint8), ref8.t().contiguous().view(torch.uint8))
+    x = torch.randn(4, 16, generator=g)
+    x[1, 3] = float("nan")  # a NaN makes the scale, and so the logits, non-finite: the step is skipped
+    assert fp8_head.quantize_rows(x)[2].isinf().all()
+
+
 def _problem(seed=2):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(2, 40, 32, generator=g, requires_grad=True)
