@@ -188,7 +188,10 @@ def to_e4m3(x: torch.Tensor, out: torch.Tensor | None = None,
             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, s) with x ≈ x8 · s: x in e4m3 scaled by its absolute maximum (s, FP32 of one element).
     `out` / `scale` are filled in place when given (the cached weight, refreshed inside a CUDA graph)."""
-    s = (x.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-30).reshape(1)
+    amax = x.detach().abs().amax().float()
+    # by a tensor: torch's CUDA division by a Python number multiplies by its reciprocal (1 ulp off,
+    # then not quantize_rows' scale); a CUDA tensor, so a CUDA graph can hold it
+    s = (amax / torch.full_like(amax, E4M3_MAX)).clamp(min=1e-30).reshape(1)
     x8 = (x.detach().float() / s).to(torch.float8_e4m3fn)
     if out is None:
         return x8, s
