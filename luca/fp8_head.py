@@ -46,8 +46,9 @@ FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,3
 # And where the transposed layout comes from: "kernel" stores it from registers, "copy" has the kernel
 # write the row-major one alone and a second kernel copies it transposed. Session 12's profile had
 # the FP8 kernel at 1.48 ms a micro-batch against the BF16 kernel's 1.01 for as many bytes:
-# benchmarks/bench_head.py times the four pairs (none measured on a GPU yet; "bits" / "kernel" is
-# what session 13 measured).
+# benchmarks/bench_head.py times the four pairs. Session 14 (H200): alone, "copy" with one row a
+# program saved 0.15 ms of the head's 4.1, but in the step it ran as long (1.08 + 0.37 ms for the
+# transpose, against 1.47) and the step no faster (21.54 against 21.47 ms); "half" was no faster alone.
 FP8_ENCODE, FP8_TRANSPOSE = "bits", "kernel"
 T_TILE = 64, 64, 4  # the transposing kernel's tile ("copy"): token rows, vocabulary columns (bytes), warps
 _KERNEL: dict = {}
