@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -100,3 +101,13 @@ def test_schedules():
     assert lr_at(99, 100, 1.0, 10, min_lr_ratio=0.1) == pytest.approx(0.1, abs=1e-3)
     assert lr_at(50, 100, 1.0, 10, "wsd", decay_fraction=0.2) == 1.0
     assert lr_at(99, 100, 1.0, 10, "wsd", 0.0, 0.2) == pytest.approx(0.0)
+
+
+def test_nano_n2_gives_cublas_no_workspace_unless_the_environment_sizes_it(monkeypatch):
+    from luca import config, train
+    assert config.build(train.TrainConfig, config.load_preset("nano-n2")["train"], "train").blas_workspace is False
+    assert train.TrainConfig().blas_workspace is True
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # e.g. for deterministic cuBLAS: kept
+    train.no_blas_workspace()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
