@@ -286,6 +286,8 @@ def luca_step_fn(settings: dict, device, max_accum: int = 1):
         from luca import fp8_head
         enc, trans, *nums = os.environ["BENCH_FP8"].split(",")
         nums = [int(x) for x in nums]
+        if len(nums) not in (3, 6):
+            sys.exit(f"BENCH_FP8: encode,transpose,rows,tile,warps[,t_rows,t_cols,t_warps], got {os.environ['BENCH_FP8']!r}")
         fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = enc, trans
         fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = nums[:3]
         if len(nums) > 3:
@@ -525,7 +527,7 @@ def bench(a) -> None:
         cmd = [sys.executable, __file__, "--variant", name, "--warmup", str(a.warmup), "--reps", str(a.reps),
                "--per-rep", str(a.per_rep), "--accum", str(a.accum)]
         cmd += ["--profile"] if name in a.profiled.split(",") else []
-        results[name] = _worker(cmd, left - 5, env=VARIANTS[name][1].get("env"))
+        results[name] = _worker(cmd, left - 5)
         log(json.dumps({k: v for k, v in results[name].items() if k != "profile"}))
         _save(out_dir, "bench.json", {"device": gpu, "ceiling_tflops": ceiling, "loader": loader, "results": results})
 

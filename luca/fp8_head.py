@@ -50,7 +50,8 @@ FAST_ACCUM_BACKWARD = False  # the backward GEMMs sum over 12,288 tokens or 50,3
 # program saved 0.15 ms of the head's 4.1, but in the step it ran as long (1.08 + 0.37 ms for the
 # transpose, against 1.47) and the step no faster (21.54 against 21.47 ms); "half" was no faster alone.
 FP8_ENCODE, FP8_TRANSPOSE = "bits", "kernel"
-T_TILE = 64, 64, 4  # the transposing kernel's tile ("copy"): token rows, vocabulary columns (bytes), warps
+T_TILE = 64, 64, 4  # the transposing kernel's tile for the gradient ("copy"): token rows, vocabulary columns, warps
+H_TILE = 64, 64, 4  # and for the activations (quantize_rows): token rows, model columns, warps
 _KERNEL: dict = {}
 
 
@@ -205,7 +206,8 @@ def to_e4m3(x: torch.Tensor, out: torch.Tensor | None = None,
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x8, x8ᵀ, s) for a contiguous (N, D) x: x / s in e4m3 in both layouts (the logits GEMM reads x8,
-    d W's reads x8ᵀ), s = max |x| / 448 (FP32, one element), the same bytes as `to_e4m3`. Three small
+    d W's reads x8ᵀ), s = max |x| / 448 (FP32, one element), for finite x the same bytes as `to_e4m3`
+    (a NaN or infinity makes s infinite, so the logits and the step's loss go non-finite). Three small
     Triton kernels: the eager amax, divide, cast and transpose took ~0.15 ms per micro-batch at nano-n2's
     shape, several times their memory traffic (session 14's profile)."""
     n, d = x.shape
@@ -224,7 +226,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     _KERNEL["amax"][(n_parts,)](x, parts, numel, BLOCK=block, num_warps=8)
     _KERNEL["q"][(n_parts,)](x, parts, n_parts, scale, x8.view(torch.uint8), numel, BLOCK=block,
                              PARTS=max(16, 1 << (n_parts - 1).bit_length()), num_warps=8)
-    tn, tv, tw = T_TILE
+    tn, tv, tw = H_TILE
     _KERNEL["t"][(-(-n // tn), -(-d // tv))](x8.view(torch.uint8), xt8.view(torch.uint8), n, d,
                                              TN=tn, TV=tv, num_warps=tw)
     return x8, xt8, scale

@@ -91,7 +91,7 @@ class TrainConfig:
     fold_norms: bool = True  # with cast_once: the blocks' norm weights ride in the cached GEMM weights (luca/model.py)
     fp8_head: bool = False  # FP8-capable CUDA GPUs: the head's GEMMs in FP8 (luca/fp8_head.py); nano-n2 sets it
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
-    blas_workspace: bool = True  # CUDA: cuBLAS's workspace; nano-n2 turns it off (`no_blas_workspace`)
+    blas_workspace: bool = True  # CUDA: cuBLAS's workspace; nano-n2 turns it off (`no_blas_workspace`: per process)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -330,8 +330,11 @@ def no_blas_workspace() -> None:
     choose statically scheduled kernels: the dynamically scheduled ones zero a counter in the workspace
     first, a 4-byte memset node before their GEMM in the step's CUDA graph that left the GPU idle ~5 µs
     each, 5 times a layer at nano-n2's shape (0.15 ms of a 21.5 ms micro-batch on an H200, session 14;
-    the GEMMs themselves ran as fast). torch reads these when a process makes its first cuBLAS handle,
-    so this must run before the first GEMM: `build` calls it before the model has run."""
+    the GEMMs themselves ran as fast). torch reads these once, when a process makes its first cuBLAS
+    handle, so this must run before the first GEMM: `build` calls it before the model has run. So it
+    holds for the whole process: where one process trains several runs (`luca compare`, the
+    pipeline) the first run's setting stands for all. torch's deterministic mode wants a workspace
+    (`CUBLAS_WORKSPACE_CONFIG=:4096:8`, which this leaves alone)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
 

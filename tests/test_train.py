@@ -107,7 +107,8 @@ def test_nano_n2_gives_cublas_no_workspace_unless_the_environment_sizes_it(monke
     from luca import config, train
     assert config.build(train.TrainConfig, config.load_preset("nano-n2")["train"], "train").blas_workspace is False
     assert train.TrainConfig().blas_workspace is True
-    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "")  # recorded, so the value set below is undone after
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # e.g. for deterministic cuBLAS: kept
     train.no_blas_workspace()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
