@@ -221,7 +221,6 @@ def copy_sweep(h, w, t, grads, err, out: str) -> None:
         if cuda else [(2, 256, 4)]
     t_tiles = [(64, 64, 4), (128, 128, 8), (128, 64, 4), (64, 128, 4), (256, 64, 8)] if cuda else [(16, 32, 4)]
     fp8_head.FP8_ENCODE, fp8_head.FP8_TRANSPOSE = "bits", "copy"
-    fp8_head._kernel()
     g8 = torch.empty(logits.shape, dtype=torch.uint8, device=logits.device)
     gt8 = torch.empty(logits.shape[::-1], dtype=torch.uint8, device=logits.device)
     rows = []
@@ -229,11 +228,9 @@ def copy_sweep(h, w, t, grads, err, out: str) -> None:
         for tt in t_tiles[:1] if tile != kernel_tiles[0] else t_tiles:
             fp8_head.FP8_BM, fp8_head.FP8_BLOCK, fp8_head.FP8_WARPS = tile
             fp8_head.T_TILE = tt
-            n, v = logits.shape
 
             def transpose():
-                fp8_head._KERNEL["t"][(-(-n // tt[0]), -(-v // tt[1]))](g8, gt8, n, v, TN=tt[0], TV=tt[1],
-                                                                       num_warps=tt[2])
+                fp8_head.transpose_bytes(g8, gt8, tt)
 
             def head8():
                 return fp8_head.linear_cross_entropy_fp8(h, w, t, cached=wq)

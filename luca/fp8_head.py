@@ -182,10 +182,17 @@ def cross_entropy_fp8(logits: torch.Tensor, targets: torch.Tensor,
                                       gt8.view(torch.uint8), n, v, G=G_SCALE, BM=FP8_BM, BLOCK=FP8_BLOCK,
                                       HALF=FP8_ENCODE == "half", STORE_T=store_t, num_warps=FP8_WARPS)
         if not store_t:
-            tn, tv, tw = T_TILE
-            _KERNEL["t"][(-(-n // tn), -(-v // tv))](g8.view(torch.uint8), gt8.view(torch.uint8), n, v,
-                                                     TN=tn, TV=tv, num_warps=tw)
+            transpose_bytes(g8, gt8, T_TILE)
     return losses, g8, gt8
+
+
+def transpose_bytes(src: torch.Tensor, dst: torch.Tensor, tile: tuple[int, int, int]) -> None:
+    """dst (V, N) = srcᵀ for a contiguous 8-bit src (N, V), by luca's tiled kernel; `tile`: rows,
+    columns, warps (T_TILE, H_TILE)."""
+    (n, v), (tn, tv, tw) = src.shape, tile
+    _kernel()
+    _KERNEL["t"][(-(-n // tn), -(-v // tv))](src.view(torch.uint8), dst.view(torch.uint8), n, v,
+                                             TN=tn, TV=tv, num_warps=tw)
 
 
 def to_e4m3(x: torch.Tensor, out: torch.Tensor | None = None,
@@ -226,9 +233,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     _KERNEL["amax"][(n_parts,)](x, parts, numel, BLOCK=block, num_warps=8)
     _KERNEL["q"][(n_parts,)](x, parts, n_parts, scale, x8.view(torch.uint8), numel, BLOCK=block,
                              PARTS=max(16, 1 << (n_parts - 1).bit_length()), num_warps=8)
-    tn, tv, tw = H_TILE
-    _KERNEL["t"][(-(-n // tn), -(-d // tv))](x8.view(torch.uint8), xt8.view(torch.uint8), n, d,
-                                             TN=tn, TV=tv, num_warps=tw)
+    transpose_bytes(x8, xt8, H_TILE)
     return x8, xt8, scale
 
 
